@@ -1,0 +1,35 @@
+"""Mean-teacher update of BCP (BCP.md, step 6): ``teacher <- decay * teacher + (1 - decay) * student``."""
+import torch
+from torch import nn
+from torch._dynamo import OptimizedModule
+from torch.nn.parallel import DistributedDataParallel
+
+
+def unwrap_network(network: nn.Module) -> nn.Module:
+    """The plain module behind DDP and/or ``torch.compile`` wrappers (in any nesting order)."""
+    while isinstance(network, (DistributedDataParallel, OptimizedModule)):
+        network = network.module if isinstance(network, DistributedDataParallel) else network._orig_mod
+    return network
+
+
+def ema(teacher: torch.Tensor, student: torch.Tensor, decay: float) -> torch.Tensor:
+    """``decay * teacher + (1 - decay) * student`` in the teacher's dtype."""
+    return decay * teacher + (1 - decay) * student.to(teacher.dtype)
+
+
+@torch.no_grad()
+def ema_update_(teacher: nn.Module, student: nn.Module, decay: float) -> None:
+    """In-place EMA of every floating-point parameter and buffer of ``student`` into ``teacher``.
+
+    Integer buffers (BatchNorm's ``num_batches_tracked``) are copied. Both networks may be wrapped in DDP
+    and/or ``OptimizedModule``; the teacher keeps its own dtype (fp32), whatever autocast did to the student.
+    """
+    if not 0 <= decay <= 1:
+        raise ValueError(f"EMA decay must lie in [0, 1], got {decay}")
+    student_state = unwrap_network(student).state_dict()
+    for name, t in unwrap_network(teacher).state_dict().items():
+        s = student_state[name]
+        if t.is_floating_point():
+            t.lerp_(s.to(t.dtype), 1 - decay)
+        else:
+            t.copy_(s)

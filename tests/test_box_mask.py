@@ -1,0 +1,79 @@
+import pytest
+import torch
+
+from nnunetv2_bcp.bcp import box_size, downsample_mask, random_box_mask, render_box_mask
+
+
+def box_extent(mask2d_or_3d: torch.Tensor):
+    """(start, size) per axis of the zero box of a single-sample mask (1, *spatial)."""
+    inside = (mask2d_or_3d[0] == 0).nonzero()
+    starts = inside.min(0).values.tolist()
+    stops = inside.max(0).values.tolist()
+    return starts, [b - a + 1 for a, b in zip(starts, stops)]
+
+
+def test_render_box_mask_by_hand():
+    mask = render_box_mask((4, 6), torch.tensor([[1, 2]]), (2, 3))
+    expected = torch.tensor([[1, 1, 1, 1, 1, 1],
+                             [1, 1, 0, 0, 0, 1],
+                             [1, 1, 0, 0, 0, 1],
+                             [1, 1, 1, 1, 1, 1]], dtype=torch.float32)
+    assert mask.shape == (1, 1, 4, 6)
+    assert torch.equal(mask[0, 0], expected)
+
+
+@pytest.mark.parametrize("patch", [(96, 96), (48, 64, 80), (20, 192, 160), (5, 7)])
+def test_box_side_is_two_thirds_per_axis(patch):
+    assert box_size(patch) == tuple(round(2 / 3 * s) for s in patch)
+    g = torch.Generator().manual_seed(0)
+    mask = random_box_mask(patch, batch_size=3, generator=g)
+    assert mask.shape == (3, 1, *patch)
+    # one box for the whole batch (the paper's choice)
+    assert torch.equal(mask[0], mask[1]) and torch.equal(mask[0], mask[2])
+    starts, sizes = box_extent(mask[0])
+    assert tuple(sizes) == box_size(patch)
+    assert int((mask[0] == 0).sum()) == torch.tensor(box_size(patch)).prod()
+    assert set(mask.unique().tolist()) == {0.0, 1.0}
+
+
+def test_per_sample_boxes_differ_and_positions_cover_the_patch():
+    g = torch.Generator().manual_seed(1)
+    mask = random_box_mask((12, 12), batch_size=64, per_sample=True, generator=g)
+    starts = [tuple(box_extent(m)[0]) for m in mask]
+    assert len(set(starts)) > 10
+    # uniform position: every start from 0 to 12 - 8 = 4 appears along each axis
+    assert {s[0] for s in starts} == set(range(5)) and {s[1] for s in starts} == set(range(5))
+
+
+@pytest.mark.parametrize("patch,stride", [((64, 96), (8, 16)), ((40, 56, 40), (4, 8, 4)), ((32, 32, 32), 16)])
+def test_aligned_box_is_exact_at_every_scale(patch, stride):
+    strides = (stride,) * len(patch) if isinstance(stride, int) else stride
+    g = torch.Generator().manual_seed(2)
+    for _ in range(20):
+        mask = random_box_mask(patch, batch_size=2, stride=stride, generator=g)
+        starts, sizes = box_extent(mask[0])
+        assert all(a % s == 0 for a, s in zip(starts, strides))
+        assert all(z % s == 0 for z, s in zip(sizes, strides))
+        for factor in [1, 2, strides]:
+            f = (factor,) * len(patch) if isinstance(factor, int) else factor
+            f = [min(x, s) for x, s in zip(f, strides)]
+            shape = [p // x for p, x in zip(patch, f)]
+            coarse = downsample_mask(mask, shape)
+            direct = render_box_mask(shape, torch.tensor([[a // x for a, x in zip(starts, f)]]),
+                                     [z // x for z, x in zip(sizes, f)])
+            assert torch.equal(coarse[:1], direct)
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="multiple of the box stride"):
+        random_box_mask((30, 32), 2, stride=4)
+    with pytest.raises(ValueError, match="ratio"):
+        random_box_mask((32, 32), 2, ratio=1.0)
+    with pytest.raises(ValueError, match="spatial axes"):
+        random_box_mask((32, 32), 2, stride=(4, 4, 4))
+
+
+def test_mask_on_requested_device_and_reproducible():
+    a = random_box_mask((16, 16, 16), 2, generator=torch.Generator().manual_seed(5), device="cpu")
+    b = random_box_mask((16, 16, 16), 2, generator=torch.Generator().manual_seed(5), device="cpu")
+    assert torch.equal(a, b) and a.dtype == torch.float32

@@ -1,0 +1,87 @@
+import pytest
+import torch
+
+from nnunetv2_bcp.bcp import (copy_paste, inward_directions, labeled_origin, labeled_partner, mix_by_origin,
+                              origin_weights, render_box_mask)
+
+
+def box_1x1x6x6():
+    # 0 inside rows 1-3, columns 2-4
+    return render_box_mask((6, 6), torch.tensor([[1, 2]]), (3, 3))
+
+
+def test_copy_paste_by_hand():
+    outer = torch.full((1, 1, 6, 6), 1.0)
+    inner = torch.full((1, 1, 6, 6), 7.0)
+    mixed = copy_paste(outer, inner, box_1x1x6x6())
+    expected = torch.tensor([[1, 1, 1, 1, 1, 1],
+                             [1, 1, 7, 7, 7, 1],
+                             [1, 1, 7, 7, 7, 1],
+                             [1, 1, 7, 7, 7, 1],
+                             [1, 1, 1, 1, 1, 1],
+                             [1, 1, 1, 1, 1, 1]], dtype=torch.float32)
+    assert torch.equal(mixed[0, 0], expected)
+
+
+def test_bidirectional_mixing_matches_the_equations():
+    # batch of 2: sample 0 is X^in = x^l_0 * M + x^u_0 * (1 - M), sample 1 is X^out = x^u_1 * M + x^l_1 * (1 - M)
+    M = box_1x1x6x6().expand(2, 1, 6, 6)
+    x_l = torch.stack([torch.full((2, 6, 6), 1.0), torch.full((2, 6, 6), 2.0)])  # two channels
+    x_u = torch.stack([torch.full((2, 6, 6), -1.0), torch.full((2, 6, 6), -2.0)])
+    inward = inward_directions(2)
+    assert inward.tolist() == [True, False]
+    from_l = labeled_origin(M, inward)
+    mixed = mix_by_origin(x_l, x_u, from_l)
+    assert torch.equal(mixed[0], x_l[0] * M[0] + x_u[0] * (1 - M[0]))
+    assert torch.equal(mixed[1], x_u[1] * M[1] + x_l[1] * (1 - M[1]))
+    assert mixed[0, 1, 0, 0] == 1 and mixed[0, 1, 2, 3] == -1  # outside box labeled, inside unlabeled
+    assert mixed[1, 0, 0, 0] == -2 and mixed[1, 0, 2, 3] == 2
+    # targets: label maps keep their integer dtype
+    y_l = torch.tensor([1, 2], dtype=torch.int16).view(2, 1, 1, 1).expand(2, 1, 6, 6)
+    y_u = torch.tensor([3, 4], dtype=torch.int16).view(2, 1, 1, 1).expand(2, 1, 6, 6)
+    y = mix_by_origin(y_l, y_u, from_l)
+    assert y.dtype == torch.int16
+    assert y[0, 0, 0, 0] == 1 and y[0, 0, 2, 3] == 3 and y[1, 0, 0, 0] == 4 and y[1, 0, 2, 3] == 2
+    # region targets (B, R, ...) as bool
+    r_l = torch.ones(2, 3, 6, 6, dtype=torch.bool)
+    r_u = torch.zeros(2, 3, 6, 6, dtype=torch.bool)
+    r = mix_by_origin(r_l, r_u, from_l)
+    assert torch.equal(r, from_l.expand(2, 3, 6, 6))
+
+
+def test_weights_are_one_on_labeled_alpha_on_unlabeled_voxels():
+    M = box_1x1x6x6().expand(2, 1, 6, 6)
+    from_l = labeled_origin(M, inward_directions(2))
+    w = origin_weights(from_l, 0.5)
+    assert torch.equal(w[0], torch.where(M[0] == 1, 1.0, 0.5))
+    assert torch.equal(w[1], torch.where(M[1] == 1, 0.5, 1.0))
+    assert w[0].sum() == 27 * 1 + 9 * 0.5
+
+
+def test_3d_mixing():
+    M = render_box_mask((4, 4, 4), torch.tensor([[0, 0, 0]]), (2, 2, 2)).expand(1, 1, 4, 4, 4)
+    x_l, x_u = torch.ones(1, 1, 4, 4, 4), torch.zeros(1, 1, 4, 4, 4)
+    out = mix_by_origin(x_l, x_u, labeled_origin(M, inward_directions(1, step=1)))  # X^out
+    assert out.sum() == 8 and out[0, 0, :2, :2, :2].all()
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 5, 8])
+def test_pairing_balances_directions(batch_size):
+    counts = torch.stack([inward_directions(batch_size, step) for step in range(4)]).sum()
+    assert counts == 2 * batch_size  # half X^in over time, also for odd batch sizes and batch size 1
+    d = inward_directions(batch_size, 0)
+    assert d.sum() in (batch_size // 2, (batch_size + 1) // 2)
+    assert torch.equal(d, d.sort(descending=True).values)  # X^in first
+
+
+def test_batch_size_one_alternates():
+    assert inward_directions(1, 0).tolist() == [True]
+    assert inward_directions(1, 1).tolist() == [False]
+    with pytest.raises(ValueError):
+        inward_directions(0)
+
+
+def test_stage1_partner_is_the_next_sample():
+    x = torch.arange(3.0).view(3, 1, 1, 1)
+    assert labeled_partner(x).flatten().tolist() == [1.0, 2.0, 0.0]
+    assert labeled_partner(x[:1]).flatten().tolist() == [0.0]
