@@ -1,0 +1,49 @@
+"""Test set-up: nnU-Net's folders point into a temporary directory BEFORE nnunetv2 is imported (nnunetv2.paths
+reads them at import time), and helpers to build, plan and preprocess synthetic datasets."""
+import os
+import subprocess
+import sys
+import tempfile
+
+_ROOT = tempfile.mkdtemp(prefix="nnunetv2_bcp_tests_")
+for _name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+    os.environ[_name] = os.path.join(_ROOT, _name)
+    os.makedirs(os.environ[_name], exist_ok=True)
+os.environ.setdefault("nnUNet_def_n_proc", "2")
+os.environ.setdefault("nnUNet_compile", "f")
+
+import pytest  # noqa: E402
+
+SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+
+
+def run_cli(*args, check=True, env=None, timeout=900):
+    """Run a console command (nnU-Net's or ours) in a subprocess; return the CompletedProcess."""
+    full_env = dict(os.environ, **(env or {}))
+    bindir = os.path.dirname(sys.executable)
+    cmd = [os.path.join(bindir, args[0]) if os.path.isfile(os.path.join(bindir, args[0])) else args[0], *args[1:]]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-5000:]}")
+    return result
+
+
+def plan_and_preprocess(dataset_id, configurations=("3d_fullres",), extra=()):
+    run_cli("nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", *configurations, "-np", "1", *extra)
+
+
+@pytest.fixture(scope="session")
+def nnunet_dirs():
+    return {k: os.environ[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+
+
+@pytest.fixture(scope="session")
+def synthetic_3d(nnunet_dirs):
+    """Dataset990: 6 labeled + 4 unlabeled 32^3 cases, planned and preprocessed for 3d_fullres."""
+    from nnunetv2_bcp.demo.synthetic import make_synthetic_dataset
+    folder = make_synthetic_dataset(nnunet_dirs["nnUNet_raw"], 990, "BCPSynthetic", num_labeled=6,
+                                    num_unlabeled=4, num_test=2, shape=(32, 32, 32))
+    plan_and_preprocess(990)
+    return {"id": 990, "raw": folder,
+            "preprocessed": os.path.join(nnunet_dirs["nnUNet_preprocessed"], os.path.basename(folder))}

@@ -1,0 +1,252 @@
+"""Unlabeled images: raw validation, preprocessing (equality, staleness, resume), label subsets, the stream."""
+import os
+import shutil
+
+import blosc2
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from batchgenerators.utilities.file_and_folder_operations import join, load_json, load_pickle, save_json
+
+from conftest import run_cli
+from nnunetv2_bcp.unlabeled.label_subset import LABEL_SUBSET_FILE, choose_label_subset, load_label_subset
+from nnunetv2_bcp.unlabeled.preprocess import (MANIFEST_FILE, preprocess_unlabeled,
+                                               preprocess_unlabeled_for_dataset, unlabeled_data_folder)
+from nnunetv2_bcp.unlabeled.raw import UnlabeledDataError, find_unlabeled_cases
+
+
+def _inputs(ds):
+    plans = load_json(join(ds["preprocessed"], "nnUNetPlans.json"))
+    return plans, load_json(join(ds["preprocessed"], "dataset.json"))
+
+
+@pytest.fixture
+def dataset_copy(synthetic_3d, tmp_path):
+    """A private copy of the raw + preprocessed synthetic dataset, so tests can break things."""
+    raw = str(tmp_path / "raw")
+    pre = str(tmp_path / "pre")
+    shutil.copytree(synthetic_3d["raw"], raw)
+    shutil.copytree(synthetic_3d["preprocessed"], pre)
+    plans, dataset_json = _inputs(synthetic_3d)
+    return {"raw": raw, "preprocessed": pre, "plans": plans, "dataset_json": dataset_json}
+
+
+def _run(ds, num_processes=1):
+    return preprocess_unlabeled(ds["plans"], "3d_fullres", ds["dataset_json"], ds["raw"], ds["preprocessed"],
+                                num_processes=num_processes, verbose=False)
+
+
+def test_unlabeled_case_equals_nnunet_preprocessing(dataset_copy):
+    ds = dataset_copy
+    # the image of a labeled training case, given as unlabeled: its data must equal nnU-Net's own preprocessing
+    shutil.copy(join(ds["raw"], "imagesTr", "case_000_0000.nii.gz"),
+                join(ds["raw"], "imagesUnlabeled", "copy_000_0000.nii.gz"))
+    folder = _run(ds, num_processes=2)
+    assert folder == join(ds["preprocessed"], "nnUNetPlans_3d_fullres_unlabeled")
+    ours = blosc2.open(join(folder, "copy_000.b2nd"), mode="r")[:]
+    nnunet = blosc2.open(join(ds["preprocessed"], "nnUNetPlans_3d_fullres", "case_000.b2nd"), mode="r")[:]
+    assert ours.dtype == np.float32 and ours.shape == nnunet.shape
+    np.testing.assert_array_equal(ours, nnunet)
+    seg = blosc2.open(join(folder, "copy_000_seg.b2nd"), mode="r")[:]
+    assert set(np.unique(seg)) <= {-1, 0}  # only the nonzero mask, no label
+    props = load_pickle(join(folder, "copy_000.pkl"))
+    nn_props = load_pickle(join(ds["preprocessed"], "nnUNetPlans_3d_fullres", "case_000.pkl"))
+    assert props["bbox_used_for_cropping"] == nn_props["bbox_used_for_cropping"]
+    assert all(len(v) == 0 for v in props["class_locations"].values())
+    assert set(props["class_locations"]) == set(nn_props["class_locations"])
+    # every unlabeled case is there; nothing was written into nnU-Net's own folder
+    assert sorted(load_json(join(folder, MANIFEST_FILE))["cases"]) == ["copy_000"] + [f"unl_{i:03d}" for i in range(4)]
+    assert not any(f.startswith("unl_") for f in os.listdir(join(ds["preprocessed"], "nnUNetPlans_3d_fullres")))
+
+
+def test_up_to_date_data_is_kept_and_stale_data_redone(dataset_copy):
+    ds = dataset_copy
+    folder = _run(ds)
+    mtimes = {f: os.stat(join(folder, f)).st_mtime_ns for f in os.listdir(folder) if f.endswith(".b2nd")}
+    _run(ds)  # nothing to do
+    assert mtimes == {f: os.stat(join(folder, f)).st_mtime_ns for f in mtimes}
+    # an edited image: only that case is redone
+    image_path = join(ds["raw"], "imagesUnlabeled", "unl_001_0000.nii.gz")
+    image = sitk.ReadImage(image_path)
+    sitk.WriteImage(image * 2.0, image_path)
+    _run(ds)
+    changed = {f for f in mtimes if os.stat(join(folder, f)).st_mtime_ns != mtimes[f]}
+    assert changed == {"unl_001.b2nd", "unl_001_seg.b2nd"}
+    # changed plans (another normalisation): everything is redone, with the new plans
+    before = blosc2.open(join(folder, "unl_000.b2nd"), mode="r")[:]
+    ds["plans"]["configurations"]["3d_fullres"]["normalization_schemes"] = ["NoNormalization"]
+    _run(ds)
+    after = blosc2.open(join(folder, "unl_000.b2nd"), mode="r")[:]
+    assert not np.allclose(before, after) and after.max() > 50  # raw intensities now
+    # a removed unlabeled image disappears from the preprocessed data as well
+    os.remove(image_path)
+    _run(ds)
+    assert not os.path.exists(join(folder, "unl_001.b2nd"))
+    assert "unl_001" not in load_json(join(folder, MANIFEST_FILE))["cases"]
+
+
+def test_interrupted_run_resumes(dataset_copy):
+    ds = dataset_copy
+    folder = _run(ds)
+    # simulate a kill: one case never finished (not in the manifest, files partly there), a stale temp folder
+    manifest = load_json(join(folder, MANIFEST_FILE))
+    del manifest["cases"]["unl_002"]
+    save_json(manifest, join(folder, MANIFEST_FILE))
+    os.remove(join(folder, "unl_002.pkl"))
+    os.makedirs(join(folder, ".tmp_unl_003_12345"))
+    mtime_other = os.stat(join(folder, "unl_000.b2nd")).st_mtime_ns
+    _run(ds)
+    assert os.path.isfile(join(folder, "unl_002.pkl")) and "unl_002" in load_json(join(folder, MANIFEST_FILE))["cases"]
+    assert os.stat(join(folder, "unl_000.b2nd")).st_mtime_ns == mtime_other
+    assert not any(f.startswith(".tmp_") for f in os.listdir(folder))
+
+
+def _write_image(path, array, spacing=(1.0, 1.0, 1.0)):
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    sitk.WriteImage(image, path)
+
+
+BAD_INPUTS = {
+    "missing channel": (lambda d: os.rename(join(d, "unl_000_0000.nii.gz"), join(d, "unl_000_0001.nii.gz")),
+                        "unl_000_0000.nii.gz: missing"),
+    "wrong ending": (lambda d: shutil.copy(join(d, "unl_000_0000.nii.gz"), join(d, "unl_009_0000.nii")),
+                     "unl_009_0000.nii: wrong file ending"),
+    "bad name": (lambda d: shutil.copy(join(d, "unl_000_0000.nii.gz"), join(d, "scan.nii.gz")),
+                 "scan.nii.gz: name must be CASE_XXXX.nii.gz"),
+    "unreadable": (lambda d: open(join(d, "unl_001_0000.nii.gz"), "wb").write(b"not an image at all"),
+                   "unl_001_0000.nii.gz: unreadable image"),
+    "corrupt gzip": (lambda d: open(join(d, "unl_001_0000.nii.gz"), "r+b").write(b"\x1f\x8b\x08\x00garbage"),
+                     "unl_001_0000.nii.gz: unreadable image"),
+    "truncated": (lambda d: open(join(d, "unl_001_0000.nii.gz"), "r+b").truncate(
+        os.path.getsize(join(d, "unl_001_0000.nii.gz")) // 2), "unl_001_0000.nii.gz: truncated or corrupt file"),
+    "2d image": (lambda d: _write_image(join(d, "unl_002_0000.nii.gz"), np.zeros((32, 32), np.float32), (1.0, 1.0)),
+                 "unl_002_0000.nii.gz: 2D image, but the training images (imagesTr) are 3D"),
+    "nan": (lambda d: _write_image(join(d, "unl_003_0000.nii.gz"),
+                                   np.where(np.eye(32)[None].repeat(32, 0) > 0, np.nan, 1.0).astype(np.float32)),
+            "unl_003_0000.nii.gz: contains NaN or infinite voxels"),
+    "name clash": (lambda d: shutil.copy(join(d, "unl_000_0000.nii.gz"), join(d, "case_001_0000.nii.gz")),
+                   "case 'case_001' also exists in imagesTr"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_INPUTS))
+def test_bad_unlabeled_input_fails_with_the_file_named(dataset_copy, kind):
+    ds = dataset_copy
+    damage, message = BAD_INPUTS[kind]
+    damage(join(ds["raw"], "imagesUnlabeled"))
+    with pytest.raises(UnlabeledDataError) as info:
+        _run(ds, num_processes=2 if kind in ("nan", "truncated") else 1)
+    assert message in str(info.value)
+    assert join(ds["raw"], "imagesUnlabeled") in str(info.value)
+
+
+def test_channel_geometry_mismatch_is_reported(dataset_copy, tmp_path):
+    ds = dataset_copy
+    ds["dataset_json"]["channel_names"] = {"0": "T1", "1": "T2"}
+    folder = join(ds["raw"], "imagesUnlabeled")
+    for f in os.listdir(folder):
+        shutil.copy(join(folder, f), join(folder, f.replace("_0000", "_0001")))
+    _write_image(join(folder, "unl_000_0001.nii.gz"), np.zeros((32, 32, 32), np.float32), (2.0, 1.0, 1.0))
+    with pytest.raises(UnlabeledDataError, match=r"unl_000_0001.nii.gz: spacing .* differs from channel 0"):
+        find_and_check = __import__("nnunetv2_bcp.unlabeled.preprocess", fromlist=["x"]).collect_unlabeled_sources
+        find_and_check(ds["raw"], ds["dataset_json"], None)
+
+
+def test_label_subset_choice_is_seeded_and_checked():
+    ids = [f"c{i:02d}" for i in range(20)]
+    splits = [{"train": ids[:16], "val": ids[16:]}]
+    a = choose_label_subset(ids, splits, num_labeled=3, seed=1)
+    b = choose_label_subset(ids, splits, num_labeled=3, seed=1)
+    c = choose_label_subset(ids, splits, num_labeled=3, seed=2)
+    assert a == b and a != c
+    fold = a["folds"]["0"]
+    assert len(fold["labeled"]) == 3 and set(fold["labeled"]) <= set(ids[:16])
+    assert sorted(fold["labeled"] + fold["unlabeled"]) == ids[:16]  # validation cases stay out of it
+    assert len(a["folds"]["all"]["labeled"]) == 3 and len(a["folds"]["all"]["unlabeled"]) == 17
+    with pytest.raises(UnlabeledDataError, match="asked for 17 labeled cases but fold 0 has 16"):
+        choose_label_subset(ids, splits, num_labeled=17)
+    with pytest.raises(UnlabeledDataError, match="not training cases of this dataset: \\['nope'\\]"):
+        choose_label_subset(ids, splits, labeled_cases=["c01", "nope"])
+
+
+def test_label_subset_command_and_dropped_labels_never_opened(dataset_copy, monkeypatch):
+    ds = dataset_copy
+    import nnunetv2.paths
+    name = os.path.basename(ds["raw"].rstrip("/"))
+    # run the console command on the shared synthetic dataset, then look at what it wrote
+    pre_root = os.environ["nnUNet_preprocessed"]
+    result = run_cli("nnUNetv2_bcp_label_subset", "-d", "990", "-k", "2", "--seed", "3")
+    assert "fold 0: 2 labeled" in result.stdout
+    subset_file = join(pre_root, "Dataset990_BCPSynthetic", LABEL_SUBSET_FILE)
+    subset = load_json(subset_file)
+    splits = load_json(join(pre_root, "Dataset990_BCPSynthetic", "splits_final.json"))
+    assert sorted(subset["folds"]["0"]["labeled"] + subset["folds"]["0"]["unlabeled"]) == sorted(splits[0]["train"])
+    run_cli("nnUNetv2_bcp_label_subset", "-d", "990", "--remove")
+    assert not os.path.exists(subset_file)
+    # in the private copy: a subset whose dropped cases have destroyed labels (raw and preprocessed)
+    shutil.copy(join(pre_root, "Dataset990_BCPSynthetic", "splits_final.json"), ds["preprocessed"])
+    ids = [f"case_{i:03d}" for i in range(6)]
+    subset = choose_label_subset(ids, splits, num_labeled=2, seed=3)
+    save_json(subset, join(ds["preprocessed"], LABEL_SUBSET_FILE))
+    dropped = subset["folds"]["0"]["unlabeled"]
+    for case in {c for f in subset["folds"].values() for c in f["unlabeled"]}:
+        with open(join(ds["raw"], "labelsTr", case + ".nii.gz"), "wb") as f:
+            f.write(b"destroyed")
+        os.remove(join(ds["preprocessed"], "nnUNetPlans_3d_fullres", case + "_seg.b2nd"))
+    folder = _run(ds)
+    cases = load_json(join(folder, MANIFEST_FILE))["cases"]
+    dropped_somewhere = {c for f in subset["folds"].values() for c in f["unlabeled"]}
+    assert set(cases) == dropped_somewhere | {f"unl_{i:03d}" for i in range(4)} and set(dropped) <= set(cases)
+    for case in dropped:
+        seg = blosc2.open(join(folder, case + "_seg.b2nd"), mode="r")[:]
+        assert set(np.unique(seg)) <= {-1, 0}
+    assert load_label_subset(ds["preprocessed"], ids)["folds"]["0"]["unlabeled"] == dropped
+
+
+def test_label_subset_file_naming_unknown_cases_is_refused(dataset_copy):
+    ds = dataset_copy
+    save_json({"folds": {"0": {"labeled": ["case_000", "ghost_1"], "unlabeled": []}}},
+              join(ds["preprocessed"], LABEL_SUBSET_FILE))
+    with pytest.raises(UnlabeledDataError, match="fold 0 names cases that are not training cases.*ghost_1"):
+        _run(ds)
+
+
+def test_stream_yields_augmented_batches(dataset_copy):
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunetv2_bcp.unlabeled.loader import make_unlabeled_stream, shutdown_stream, split_augmentation_workers
+    ds = dataset_copy
+    folder = _run(ds)
+    pm = PlansManager(ds["plans"])
+    cm = pm.get_configuration("3d_fullres")
+    lm = pm.get_label_manager(ds["dataset_json"])
+    scales = list(list(i) for i in 1 / np.cumprod(np.vstack(cm.pool_op_kernel_sizes), axis=0))[:-1]
+    transforms = nnUNetTrainer.get_training_transforms(cm.patch_size, (-0.5, 0.5), scales, (0, 1, 2), False)
+    dataset = nnUNetDatasetBlosc2(folder)
+    assert sorted(dataset.identifiers) == [f"unl_{i:03d}" for i in range(4)]
+    for workers in (0, 1):
+        stream = make_unlabeled_stream(dataset, 3, [40, 40, 40], cm.patch_size, lm, transforms, num_processes=workers)
+        try:
+            for _ in range(2):
+                batch = next(stream)
+                assert batch["data"].shape == (3, 1, *cm.patch_size) and batch["data"].dtype == torch.float32
+                assert len(batch["target"]) == len(scales)
+                assert all(set(k).issubset(dataset.identifiers) for k in [batch["keys"]])
+                assert torch.isfinite(batch["data"]).all() and batch["data"].std() > 0.1
+        finally:
+            shutdown_stream(stream)
+    assert split_augmentation_workers(0) == (0, 0) and split_augmentation_workers(1) == (1, 1)
+    assert split_augmentation_workers(5) == (3, 2) and split_augmentation_workers(12) == (6, 6)
+
+
+def test_console_command_preprocesses_and_rejects_bad_dataset(synthetic_3d):
+    result = run_cli("nnUNetv2_bcp_preprocess_unlabeled", "-d", "990", "-np", "2")
+    folder = unlabeled_data_folder(synthetic_3d["preprocessed"], "nnUNetPlans_3d_fullres")
+    assert "Unlabeled data for 3d_fullres" in result.stdout and "Unlabeled data for 2d" not in result.stdout
+    assert len(load_json(join(folder, MANIFEST_FILE))["cases"]) == 4
+    bad = run_cli("nnUNetv2_bcp_preprocess_unlabeled", "-d", "990", "-c", "3d_lowres", check=False)
+    assert bad.returncode != 0 and "has no configuration ['3d_lowres']" in bad.stderr
+    assert "Traceback" not in bad.stderr
