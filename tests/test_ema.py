@@ -100,3 +100,22 @@ def test_wrapped_student_ddp_gloo(tmp_path):
         assert torch.allclose(teacher[3].weight, 0.5 * copy.deepcopy(small_net())[3].weight + 1.0)
     finally:
         dist.destroy_process_group()
+
+
+def test_shared_submodules_are_updated_once():
+    # like nnU-Net's PlainConvUNet, whose decoder keeps a reference to the encoder: state_dict() lists the
+    # encoder's tensors twice, the EMA must still apply once
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.Linear(2, 2)
+            self.decoder = nn.Module()
+            self.decoder.encoder = self.encoder
+
+    student, teacher = Shared(), Shared()
+    with torch.no_grad():
+        teacher.encoder.weight.zero_()
+        student.encoder.weight.fill_(1.0)
+    assert len(teacher.state_dict()) == 4
+    ema_update_(teacher, student, 0.9)
+    assert torch.allclose(teacher.encoder.weight, torch.full((2, 2), 0.1))

@@ -26,9 +26,13 @@ def ema_update_(teacher: nn.Module, student: nn.Module, decay: float) -> None:
     """
     if not 0 <= decay <= 1:
         raise ValueError(f"EMA decay must lie in [0, 1], got {decay}")
-    student_state = unwrap_network(student).state_dict()
-    for name, t in unwrap_network(teacher).state_dict().items():
-        s = student_state[name]
+    # named_parameters/buffers list each tensor once; state_dict() repeats shared modules (nnU-Net's decoder holds
+    # the encoder), which would apply the update several times to the same tensor
+    teacher, student = unwrap_network(teacher), unwrap_network(student)
+    student_tensors = {**dict(student.named_parameters()), **dict(student.named_buffers())}
+    for name, t in [*teacher.named_parameters(), *teacher.named_buffers()]:
+        s = student_tensors[name].detach()
+        t = t.detach()
         if t.is_floating_point():
             t.lerp_(s.to(t.dtype), 1 - decay)
         else:

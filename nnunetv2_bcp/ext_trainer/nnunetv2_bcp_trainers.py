@@ -1,0 +1,4 @@
+# Shim for nnU-Net's nnUNet_extTrainer search: the trainers live in the installed package (so that worker
+# processes can pickle them); this module only re-exports them.
+from nnunetv2_bcp.training.nnUNetTrainerBCP import nnUNetTrainerBCP  # noqa: F401
+from nnunetv2_bcp.training.variants import *  # noqa: F401,F403

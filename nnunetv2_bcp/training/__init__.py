@@ -1,0 +1,1 @@
+"""The BCP trainer and its nnU-Net-style variants."""

@@ -1,0 +1,338 @@
+"""nnUNetTrainerBCP: Bidirectional Copy-Paste inside nnU-Net's training loop (BCP.md, stages 1 and 2).
+
+A thin orchestration of :mod:`nnunetv2_bcp.bcp` over nnU-Net's hooks. Everything nnU-Net does (planning,
+augmentation, deep supervision, validation, checkpoints, inference) stays nnU-Net's; this class adds the
+unlabeled stream, the EMA teacher, the copy-paste mixing and the α-weighted loss.
+"""
+import copy
+import os
+from typing import List
+
+import numpy as np
+import torch
+from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json, save_json
+from nnunetv2.paths import nnUNet_raw
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.collate_outputs import collate_outputs
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+from nnunetv2.utilities.helpers import dummy_context
+from torch import autocast
+
+from nnunetv2_bcp.bcp import (BCPRegionLoss, bcp_total, copy_paste, downsample_mask, ema_update_, inward_directions,
+                              keep_largest_component, labeled_origin, labeled_partner, mix_by_origin, pseudo_labels,
+                              random_box_mask, unwrap_network)
+from nnunetv2_bcp.unlabeled.label_subset import fold_subset, label_subset_path, load_label_subset
+from nnunetv2_bcp.unlabeled.loader import make_unlabeled_stream, n_proc_da, shutdown_stream, split_augmentation_workers
+from nnunetv2_bcp.unlabeled.preprocess import preprocess_unlabeled
+from nnunetv2_bcp.unlabeled.raw import UNLABELED_FOLDER, UnlabeledDataError, find_unlabeled_cases
+
+# Share of the schedule spent in stage 1. The reference code pre-trains 10k of 40k iterations on ACDC (25%) and
+# 2k of 17k on LA (12%); 20% of nnU-Net's 1000 epochs (200) lies between the two.
+PRETRAIN_FRACTION = 0.2
+
+
+def default_pretrain_epochs(num_epochs: int) -> int:
+    return int(round(PRETRAIN_FRACTION * num_epochs))
+
+
+class nnUNetTrainerBCP(nnUNetTrainer):
+    """BCP semi-supervised training. Knobs (override in a subclass, nnU-Net's way):
+
+    ``bcp_pretrain_epochs`` (stage 1 length), ``bcp_alpha`` (weight of unlabeled-origin voxels, 0.5),
+    ``bcp_ema_decay`` (λ, 0.99), ``bcp_mask_ratio`` (β, 2/3), ``bcp_largest_component`` (filter pseudo-labels),
+    plus nnU-Net's ``num_epochs``, ``num_iterations_per_epoch``, ``num_val_iterations_per_epoch``.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.bcp_pretrain_epochs = default_pretrain_epochs(self.num_epochs)
+        self.bcp_alpha = 0.5
+        self.bcp_ema_decay = 0.99
+        self.bcp_mask_ratio = 2 / 3
+        self.bcp_largest_component = True
+        self.teacher = None
+        self.bcp_loss = None
+        self.dataloader_unlabeled = None
+        self.bcp_teacher_initialized = False
+        self.bcp_iteration = 0
+
+    # ------------------------------------------------------------------ set-up
+    def bcp_settings(self) -> dict:
+        return {"bcp_pretrain_epochs": self.bcp_pretrain_epochs, "bcp_alpha": self.bcp_alpha,
+                "bcp_ema_decay": self.bcp_ema_decay, "bcp_mask_ratio": self.bcp_mask_ratio,
+                "bcp_largest_component": self.bcp_largest_component, "num_epochs": self.num_epochs,
+                "num_iterations_per_epoch": self.num_iterations_per_epoch,
+                "num_val_iterations_per_epoch": self.num_val_iterations_per_epoch,
+                "batch_size": self.configuration_manager.batch_size, "box_stride": list(self.bcp_box_stride())}
+
+    def initialize(self):
+        if self.is_cascaded:
+            raise SystemExit(f"{self.__class__.__name__}: cascade configurations ({self.configuration_name}) are not "
+                             f"supported yet: the unlabeled cases would need predictions of the previous stage. "
+                             f"Train 3d_fullres, 3d_lowres or 2d instead.")
+        super().initialize()
+        student = unwrap_network(self.network)
+        self.teacher = copy.deepcopy(student).float()
+        if hasattr(self.teacher, "decoder"):  # nnU-Net's architectures: the teacher only labels at full resolution
+            self.teacher.decoder.deep_supervision = False
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.teacher.eval()
+        self.bcp_loss = BCPRegionLoss.like_nnunet_loss(self.loss)
+
+    def bcp_box_stride(self) -> tuple:
+        """Coarsest deep-supervision downsampling per axis: boxes on this grid are exact at every scale."""
+        scales = self._get_deep_supervision_scales()
+        if not scales:
+            return (1,) * len(self.configuration_manager.patch_size)
+        return tuple(int(round(1 / s)) for s in scales[-1])
+
+    def _raw_dataset_folder(self) -> str:
+        if not nnUNet_raw.is_set():
+            raise UnlabeledDataError("nnUNet_raw is not set: BCP reads the unlabeled images from "
+                                     f"nnUNet_raw/{self.plans_manager.dataset_name}/{UNLABELED_FOLDER}")
+        return join(nnUNet_raw, self.plans_manager.dataset_name)
+
+    def _label_subset_of_fold(self):
+        path = label_subset_path(self.preprocessed_dataset_folder_base)
+        if not isfile(path):
+            return None
+        ids = self.dataset_class.get_identifiers(self.preprocessed_dataset_folder)
+        return fold_subset(load_label_subset(self.preprocessed_dataset_folder_base, ids), self.fold, path)
+
+    def get_tr_and_val_datasets(self):
+        """nnU-Net's split; with a label subset only the fold's labeled cases stay in the labeled dataset."""
+        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        subset = self._label_subset_of_fold()
+        if subset is not None:
+            outside = sorted(set(subset["labeled"]) - set(dataset_tr.identifiers))
+            if outside:
+                raise UnlabeledDataError(f"{label_subset_path(self.preprocessed_dataset_folder_base)}: labeled "
+                                         f"cases {outside[:5]} are not training cases of fold {self.fold}")
+            dataset_tr = self.dataset_class(self.preprocessed_dataset_folder, list(subset["labeled"]),
+                                            self.folder_with_segs_from_previous_stage)
+            self.print_to_log_file(f"BCP label subset: {len(subset['labeled'])} labeled training cases, "
+                                   f"{len(subset['unlabeled'])} training cases used without their labels")
+        return dataset_tr, dataset_val
+
+    def _unlabeled_keys(self) -> List[str]:
+        raw = self._raw_dataset_folder()
+        keys = list(find_unlabeled_cases(raw, self.dataset_json))
+        subset = self._label_subset_of_fold()
+        if subset is not None:
+            keys += subset["unlabeled"]
+        if not keys:
+            raise UnlabeledDataError(
+                f"{self.__class__.__name__} needs unlabeled images and found none. Put them in "
+                f"{join(raw, UNLABELED_FOLDER)}, named like imagesTr (CASE_0000{self.dataset_json['file_ending']}, "
+                f"one file per channel), or simulate label scarcity with "
+                f"'nnUNetv2_bcp_label_subset -d {self.plans_manager.dataset_name} -k K'.")
+        return sorted(keys)
+
+    def get_dataloaders(self):
+        """nnU-Net's labeled loaders plus the unlabeled stream, sharing ``nnUNet_n_proc_DA`` between them."""
+        try:
+            keys = self._unlabeled_keys()
+            folder = preprocess_unlabeled(self.plans_manager.plans, self.configuration_name, self.dataset_json,
+                                          self._raw_dataset_folder(), self.preprocessed_dataset_folder_base,
+                                          num_processes=max(1, get_allowed_n_proc_DA()),
+                                          verbose=self.local_rank == 0)
+            workers_labeled, workers_unlabeled = split_augmentation_workers(get_allowed_n_proc_DA())
+            with n_proc_da(workers_labeled):
+                dataloader_train, dataloader_val = super().get_dataloaders()
+        except UnlabeledDataError as e:
+            raise SystemExit(f"ERROR ({self.__class__.__name__}): {e}")
+        rotation, dummy_2d, initial_patch_size, mirror_axes = \
+            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        transforms = self.get_training_transforms(
+            self.configuration_manager.patch_size, rotation, self._get_deep_supervision_scales(), mirror_axes,
+            dummy_2d, use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=False,
+            foreground_labels=self.label_manager.foreground_labels,
+            regions=self.label_manager.foreground_regions if self.label_manager.has_regions else None,
+            ignore_label=self.label_manager.ignore_label)
+        self.dataloader_unlabeled = make_unlabeled_stream(
+            self.dataset_class(folder, keys), self.batch_size, initial_patch_size,
+            self.configuration_manager.patch_size, self.label_manager, transforms, workers_unlabeled,
+            pin_memory=self.device.type == 'cuda')
+        self.print_to_log_file(f"BCP unlabeled stream: {len(keys)} cases, {workers_unlabeled} augmentation "
+                               f"worker(s); labeled stream: {workers_labeled}")
+        return dataloader_train, dataloader_val
+
+    def on_train_start(self):
+        super().on_train_start()
+        if self.local_rank == 0:
+            save_json(self.bcp_settings(), join(self.output_folder, "bcp_settings.json"), sort_keys=False)
+        self.print_to_log_file("BCP settings:", self.bcp_settings())
+
+    def on_train_end(self):
+        super().on_train_end()
+        shutdown_stream(self.dataloader_unlabeled)
+
+    def run_training(self):
+        try:
+            super().run_training()
+        finally:  # also on errors: don't leave the unlabeled workers behind
+            shutdown_stream(self.dataloader_unlabeled)
+
+    # ------------------------------------------------------------------ training
+    def in_stage_two(self) -> bool:
+        return self.current_epoch >= self.bcp_pretrain_epochs
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        if self.in_stage_two() and not self.bcp_teacher_initialized:
+            # stage 1 -> 2: the pre-trained student initialises the teacher
+            self.teacher.load_state_dict(unwrap_network(self.network).state_dict())
+            self.bcp_teacher_initialized = True
+            self.print_to_log_file("BCP stage 2: teacher initialised from the student")
+        self.print_to_log_file(f"BCP stage {2 if self.in_stage_two() else 1}")
+
+    def _autocast(self):
+        return autocast(self.device.type, enabled=True) if self.device.type == 'cuda' else dummy_context()
+
+    def _random_mask(self, batch_size: int) -> torch.Tensor:
+        return random_box_mask(self.configuration_manager.patch_size, batch_size, self.bcp_mask_ratio,
+                               self.bcp_box_stride(), device=self.device)
+
+    def train_step(self, batch: dict) -> dict:
+        if not self.in_stage_two():
+            return self.stage_one_step(batch)
+        return self.stage_two_step(batch, next(self.dataloader_unlabeled))
+
+    def stage_one_step(self, batch: dict) -> dict:
+        """Copy-paste between the labeled patches of the batch, then nnU-Net's ordinary step and loss."""
+        data = batch['data'].to(self.device, non_blocking=True)
+        targets = [t.to(self.device, non_blocking=True) for t in _as_list(batch['target'])]
+        mask = self._random_mask(data.shape[0])
+        mixed_targets = [copy_paste(t, labeled_partner(t), downsample_mask(mask, t.shape[2:])) for t in targets]
+        mixed = {'data': copy_paste(data, labeled_partner(data), mask),
+                 'target': mixed_targets if isinstance(batch['target'], list) else mixed_targets[0]}
+        return super().train_step(mixed)
+
+    @torch.no_grad()
+    def make_pseudo_labels(self, unlabeled: torch.Tensor) -> torch.Tensor:
+        """Teacher pseudo-labels in nnU-Net's target layout (regions: plus an empty ignore channel if needed)."""
+        with self._autocast():
+            logits = _as_list(self.teacher(unlabeled))[0]
+        regions = self.label_manager.has_regions
+        labels = pseudo_labels(logits.float(), region_based=regions)
+        if self.bcp_largest_component:
+            labels = keep_largest_component(labels, region_based=regions)
+        if regions and self.label_manager.has_ignore_label:
+            labels = torch.cat([labels, torch.zeros_like(labels[:, :1])], 1)
+        return labels
+
+    def stage_two_step(self, batch: dict, unlabeled_batch: dict) -> dict:
+        """Teacher pseudo-labels, bidirectional copy-paste, α-weighted loss at every scale, SGD step, EMA."""
+        labeled = batch['data'].to(self.device, non_blocking=True)
+        targets = [t.to(self.device, non_blocking=True) for t in _as_list(batch['target'])]
+        unlabeled = unlabeled_batch['data'].to(self.device, non_blocking=True)
+        pseudo = self.make_pseudo_labels(unlabeled)
+
+        from_labeled = labeled_origin(self._random_mask(labeled.shape[0]),
+                                      inward_directions(labeled.shape[0], self.bcp_iteration, self.device))
+        masks = [downsample_mask(from_labeled, t.shape[2:]) for t in targets]
+        mixed_targets = [mix_by_origin(t, downsample_mask(pseudo, t.shape[2:]), m) for t, m in zip(targets, masks)]
+        mixed = mix_by_origin(labeled, unlabeled, from_labeled)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            output = self.network(mixed)
+            outputs = _as_list(output)
+            if isinstance(output, (list, tuple)):
+                terms = self.bcp_loss(outputs, mixed_targets, masks)
+            else:
+                terms = self.bcp_loss(outputs[0], mixed_targets[0], masks[0])
+            loss = bcp_total(terms, self.bcp_alpha)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"BCP loss is {loss.item()} at epoch {self.current_epoch}; labeled cases "
+                                     f"{list(batch['keys'])}, unlabeled cases {list(unlabeled_batch['keys'])}. "
+                                     f"The teacher was not updated.")
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+        ema_update_(self.teacher, self.network, self.bcp_ema_decay)
+        self.bcp_iteration += 1
+        return {'loss': loss.detach().cpu().numpy(), **self._stage_two_figures(outputs[0], mixed_targets[0],
+                                                                                  masks[0], pseudo, terms)}
+
+    @torch.no_grad()
+    def _stage_two_figures(self, logits, mixed_target, from_labeled, pseudo, terms) -> dict:
+        """Per-step figures for the log: both loss terms, pseudo-label foreground fraction per class/region,
+        student-teacher agreement on the unlabeled-origin voxels of the mixed images."""
+        regions = self.label_manager.has_regions
+        student = pseudo_labels(logits.float(), region_based=regions)
+        if regions:
+            num_regions = student.shape[1]
+            fg_fraction = pseudo[:, :num_regions].float().mean(dim=(0, *range(2, pseudo.ndim)))
+            agree = (student == mixed_target[:, :num_regions].bool()).all(1, keepdim=True)
+        else:
+            fg_fraction = torch.stack([(pseudo == c).float().mean() for c in self.label_manager.foreground_labels])
+            agree = student == mixed_target
+        unlabeled_voxels = ~from_labeled
+        agreement = (agree & unlabeled_voxels).sum() / unlabeled_voxels.sum().clamp_min(1)
+        return {'bcp_loss_labeled': terms[0].item(), 'bcp_loss_unlabeled': terms[1].item(),
+                'bcp_pseudo_fg_fraction': fg_fraction.cpu().numpy(), 'bcp_agreement': agreement.item()}
+
+    def on_train_epoch_end(self, train_outputs: List[dict]):
+        super().on_train_epoch_end(train_outputs)
+        if not self.in_stage_two() or 'bcp_agreement' not in train_outputs[0]:
+            return
+        figures = {k: np.mean(np.stack([o[k] for o in train_outputs]), axis=0).tolist()
+                   for k in ('bcp_loss_labeled', 'bcp_loss_unlabeled', 'bcp_pseudo_fg_fraction', 'bcp_agreement')}
+        if self.is_ddp:
+            import torch.distributed as dist
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, figures)
+            figures = {k: np.mean([g[k] for g in gathered], axis=0).tolist() for k in figures}
+        self.print_to_log_file(
+            f"BCP: loss on labeled-origin voxels {figures['bcp_loss_labeled']:.4f}, on unlabeled-origin voxels "
+            f"{figures['bcp_loss_unlabeled']:.4f}; pseudo-label foreground fraction per "
+            f"{'region' if self.label_manager.has_regions else 'class'} "
+            f"{np.round(figures['bcp_pseudo_fg_fraction'], 4).tolist()}; "
+            f"student-teacher agreement on unlabeled voxels {figures['bcp_agreement']:.4f}")
+        if self.local_rank == 0:
+            history_file = join(self.output_folder, "bcp_progress.json")
+            history = load_json(history_file) if isfile(history_file) else []
+            history = [h for h in history if h["epoch"] < self.current_epoch] + [
+                {"epoch": self.current_epoch, **figures}]
+            save_json(history, history_file, sort_keys=False)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint plus a ``bcp`` entry (teacher weights, stage state, settings), written atomically."""
+        if self.local_rank != 0 or self.disable_checkpointing:
+            return super().save_checkpoint(filename)
+        tmp = f"{filename}.tmp{os.getpid()}"
+        super().save_checkpoint(tmp)
+        checkpoint = torch.load(tmp, map_location='cpu', weights_only=False)
+        checkpoint['bcp'] = {'teacher_weights': self.teacher.state_dict(),
+                             'teacher_initialized': self.bcp_teacher_initialized,
+                             'iteration': self.bcp_iteration, 'settings': self.bcp_settings()}
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        path = filename_or_checkpoint
+        checkpoint = torch.load(path, map_location=self.device, weights_only=False) if isinstance(path, str) else path
+        if 'bcp' not in checkpoint:
+            raise SystemExit(f"ERROR ({self.__class__.__name__}): {path} was written by "
+                             f"{checkpoint.get('trainer_name', 'another trainer')}, not by a BCP trainer, and has no "
+                             f"teacher; use it with -pretrained_weights instead of --c.")
+        super().load_checkpoint(path)
+        bcp = checkpoint['bcp']
+        self.teacher.load_state_dict(bcp['teacher_weights'])
+        self.bcp_teacher_initialized = bcp['teacher_initialized']
+        self.bcp_iteration = bcp['iteration']
+
+
+def _as_list(x):
+    return list(x) if isinstance(x, (list, tuple)) else [x]

@@ -1,0 +1,228 @@
+"""nnUNetTrainerBCP: end to end through nnU-Net's commands, and tests that prove the wiring."""
+import copy
+import os
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from batchgenerators.utilities.file_and_folder_operations import join, load_json, save_json
+
+from conftest import plan_and_preprocess, run_cli
+
+TEST_TRAINERS = '''
+import os
+from nnunetv2_bcp.training.nnUNetTrainerBCP import nnUNetTrainerBCP
+
+
+class nnUNetTrainerBCP_test(nnUNetTrainerBCP):
+    """2 epochs of stage 1, 2 of stage 2, a checkpoint every epoch; stops after epoch BCP_TEST_STOP_AFTER_EPOCH."""
+    def __init__(self, plans, configuration, fold, dataset_json, device=None):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 4
+        self.bcp_pretrain_epochs = 2
+        self.num_iterations_per_epoch = 2
+        self.num_val_iterations_per_epoch = 1
+        self.save_every = 1
+
+    def on_epoch_end(self):
+        super().on_epoch_end()
+        stop = os.environ.get("BCP_TEST_STOP_AFTER_EPOCH")
+        if stop is not None and self.current_epoch == int(stop) + 1:
+            raise SystemExit(3)  # a crash right after the checkpoint of that epoch
+'''
+
+
+@pytest.fixture(scope="session")
+def ext_trainer_env(tmp_path_factory):
+    import nnunetv2_bcp
+    folder = tmp_path_factory.mktemp("ext_trainers")
+    (folder / "bcp_test_trainers.py").write_text(TEST_TRAINERS)
+    return {"nnUNet_extTrainer": os.pathsep.join([nnunetv2_bcp.ext_trainer_dir(), str(folder)])}
+
+
+FIRST_CONV = "encoder.stages.0.0.convs.0.conv.weight"  # receives gradients (the coarsest DS head does not)
+
+
+def _results_folder(dataset_name, trainer, config="3d_fullres"):
+    return join(os.environ["nnUNet_results"], dataset_name, f"{trainer}__nnUNetPlans__{config}")
+
+
+def _dice(a, b, label):
+    a, b = a == label, b == label
+    return 2 * (a & b).sum() / max(a.sum() + b.sum(), 1)
+
+
+def test_train_resume_predict_end_to_end(synthetic_3d, ext_trainer_env, tmp_path):
+    env = dict(ext_trainer_env, nnUNet_n_proc_DA="2")
+    crashed = run_cli("nnUNetv2_train", "990", "3d_fullres", "0", "-tr", "nnUNetTrainerBCP_test", "-device", "cpu",
+                      env=dict(env, BCP_TEST_STOP_AFTER_EPOCH="2"), check=False)
+    assert crashed.returncode == 3, crashed.stderr[-3000:]
+    fold = join(_results_folder("Dataset990_BCPSynthetic", "nnUNetTrainerBCP_test"), "fold_0")
+    latest = torch.load(join(fold, "checkpoint_latest.pth"), weights_only=False, map_location="cpu")
+    assert latest["current_epoch"] == 3 and latest["bcp"]["teacher_initialized"]
+    assert latest["bcp"]["iteration"] == 2  # one stage-2 epoch of 2 iterations
+    # the teacher is an EMA, not a copy of the student
+    w_student = latest["network_weights"][FIRST_CONV]
+    w_teacher = latest["bcp"]["teacher_weights"][FIRST_CONV]
+    assert not torch.equal(w_student, w_teacher)
+
+    resumed = run_cli("nnUNetv2_train", "990", "3d_fullres", "0", "-tr", "nnUNetTrainerBCP_test", "-device", "cpu",
+                      "--c", env=env)
+    log = resumed.stdout
+    assert "Epoch 3" in log and "Epoch 2\n" not in log and "BCP stage 2" in log
+    assert "teacher initialised from the student" not in log  # restored from the checkpoint instead
+    assert "student-teacher agreement on unlabeled voxels" in log
+    final = torch.load(join(fold, "checkpoint_final.pth"), weights_only=False, map_location="cpu")
+    assert final["bcp"]["iteration"] == 4 and final["current_epoch"] == 4
+    assert not os.path.exists(join(fold, "checkpoint_latest.pth"))
+    settings = load_json(join(fold, "bcp_settings.json"))
+    assert settings["bcp_alpha"] == 0.5 and settings["bcp_pretrain_epochs"] == 2 and settings["box_stride"] == [4, 4, 4]
+    progress = load_json(join(fold, "bcp_progress.json"))
+    assert [p["epoch"] for p in progress] == [2, 3] and len(progress[0]["bcp_pseudo_fg_fraction"]) == 2
+    assert os.path.isfile(join(fold, "progress.png")) and os.path.isfile(join(fold, "validation", "summary.json"))
+
+    out = str(tmp_path / "pred")
+    run_cli("nnUNetv2_predict", "-i", join(synthetic_3d["raw"], "imagesTs"), "-o", out, "-d", "990", "-c",
+            "3d_fullres", "-f", "0", "-tr", "nnUNetTrainerBCP_test", "-device", "cpu", env=env)
+    for case in ("test_000", "test_001"):
+        pred = sitk.GetArrayFromImage(sitk.ReadImage(join(out, case + ".nii.gz")))
+        ref = sitk.GetArrayFromImage(sitk.ReadImage(join(synthetic_3d["raw"], "labelsTs", case + ".nii.gz")))
+        assert pred.shape == ref.shape and set(np.unique(pred)) <= {0, 1, 2}
+
+    # a plain-nnU-Net copy of the model (no plugin needed to load it) predicts the same
+    plain = str(tmp_path / "plain_model")
+    run_cli("nnUNetv2_bcp_export", "-i", _results_folder("Dataset990_BCPSynthetic", "nnUNetTrainerBCP_test"),
+            "-o", plain, "-f", "0")
+    ckpt = torch.load(join(plain, "fold_0", "checkpoint_final.pth"), weights_only=False)
+    assert ckpt["trainer_name"] == "nnUNetTrainer" and "bcp" not in ckpt
+    out_plain = str(tmp_path / "pred_plain")
+    run_cli("nnUNetv2_predict_from_modelfolder", "-i", join(synthetic_3d["raw"], "imagesTs"), "-o", out_plain,
+            "-m", plain, "-f", "0", "-device", "cpu", env={"nnUNet_extTrainer": ""})
+    for case in ("test_000", "test_001"):
+        a = sitk.GetArrayFromImage(sitk.ReadImage(join(out, case + ".nii.gz")))
+        b = sitk.GetArrayFromImage(sitk.ReadImage(join(out_plain, case + ".nii.gz")))
+        assert np.array_equal(a, b)
+
+
+def test_refuses_without_unlabeled_images(nnunet_dirs, ext_trainer_env):
+    from nnunetv2_bcp.demo.synthetic import make_synthetic_dataset
+    folder = make_synthetic_dataset(nnunet_dirs["nnUNet_raw"], 993, "NoUnlabeled", num_labeled=5, num_unlabeled=0,
+                                    num_test=0, shape=(16, 16, 16))
+    shutil.rmtree(join(folder, "imagesUnlabeled"))
+    plan_and_preprocess(993)
+    result = run_cli("nnUNetv2_train", "993", "3d_fullres", "0", "-tr", "nnUNetTrainerBCP_test", "-device", "cpu",
+                     env=dict(ext_trainer_env, nnUNet_n_proc_DA="0"), check=False)
+    assert result.returncode != 0
+    assert "needs unlabeled images and found none" in result.stderr
+    assert join(folder, "imagesUnlabeled") in result.stderr and "nnUNetv2_bcp_label_subset" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_label_subset_training_never_reads_dropped_labels(nnunet_dirs, ext_trainer_env):
+    from nnunetv2_bcp.demo.synthetic import make_synthetic_dataset
+    folder = make_synthetic_dataset(nnunet_dirs["nnUNet_raw"], 994, "Subset", num_labeled=10, num_unlabeled=0,
+                                    num_test=0, shape=(16, 16, 16))
+    shutil.rmtree(join(folder, "imagesUnlabeled"))
+    plan_and_preprocess(994)
+    run_cli("nnUNetv2_bcp_label_subset", "-d", "994", "-k", "2")
+    pre = join(nnunet_dirs["nnUNet_preprocessed"], "Dataset994_Subset")
+    subset = load_json(join(pre, "bcp_label_subset.json"))["folds"]["0"]
+    for case in subset["unlabeled"]:  # destroy every trace of the dropped labels
+        os.remove(join(pre, "nnUNetPlans_3d_fullres", case + "_seg.b2nd"))
+        with open(join(folder, "labelsTr", case + ".nii.gz"), "wb") as f:
+            f.write(b"destroyed")
+    result = run_cli("nnUNetv2_train", "994", "3d_fullres", "0", "-tr", "nnUNetTrainerBCP_test", "-device", "cpu",
+                     env=dict(ext_trainer_env, nnUNet_n_proc_DA="0"))
+    assert "BCP label subset: 2 labeled training cases, 6 training cases used without their labels" in result.stdout
+    assert "BCP unlabeled stream: 6 cases" in result.stdout
+
+
+# ---------------------------------------------------------------- in-process wiring tests
+@pytest.fixture
+def trainer(synthetic_3d):
+    from nnunetv2_bcp import nnUNetTrainerBCP
+    plans = load_json(join(synthetic_3d["preprocessed"], "nnUNetPlans.json"))
+    plans["continue_training"] = False
+    dataset_json = load_json(join(synthetic_3d["preprocessed"], "dataset.json"))
+    t = nnUNetTrainerBCP(plans, "3d_fullres", 0, dataset_json, torch.device("cpu"))
+    t.initialize()
+    t.current_epoch = t.bcp_pretrain_epochs  # stage 2
+    t.teacher.load_state_dict(t.network.state_dict())
+    t.bcp_teacher_initialized = True
+    return t
+
+
+def _batches(trainer, seed):
+    g = torch.Generator().manual_seed(seed)
+    patch = trainer.configuration_manager.patch_size
+    scales = trainer._get_deep_supervision_scales()
+    labeled = {"data": torch.randn(2, 1, *patch, generator=g), "keys": ["a", "b"],
+               "target": [torch.randint(0, 3, (2, 1, *[round(p * s) for p, s in zip(patch, sc)]), generator=g,
+                                        dtype=torch.int16) for sc in scales]}
+    unlabeled = {"data": torch.randn(2, 1, *patch, generator=g), "keys": ["u", "v"]}  # no 'target': never read
+    return labeled, unlabeled
+
+
+def _state(trainer):
+    return copy.deepcopy((trainer.network.state_dict(), trainer.teacher.state_dict(),
+                          trainer.optimizer.state_dict()))
+
+
+def _restore(trainer, state):
+    trainer.network.load_state_dict(state[0])
+    trainer.teacher.load_state_dict(state[1])
+    trainer.optimizer.load_state_dict(state[2])
+
+
+def test_stage_two_loss_depends_on_the_unlabeled_images(trainer):
+    labeled, unlabeled = _batches(trainer, 0)
+    state = _state(trainer)
+    torch.manual_seed(1)
+    a = trainer.stage_two_step(labeled, unlabeled)
+    _restore(trainer, state)
+    trainer.bcp_iteration = 0
+    torch.manual_seed(1)
+    again = trainer.stage_two_step(labeled, unlabeled)
+    assert np.isclose(a["loss"], again["loss"])  # same inputs, same box: same loss
+    _restore(trainer, state)
+    trainer.bcp_iteration = 0
+    changed = {"data": unlabeled["data"] * -1 + 0.5, "keys": unlabeled["keys"]}
+    torch.manual_seed(1)
+    b = trainer.stage_two_step(labeled, changed)
+    assert not np.isclose(a["loss"], b["loss"])
+    assert 0 <= a["bcp_agreement"] <= 1 and a["bcp_pseudo_fg_fraction"].shape == (2,)
+    assert np.isclose(a["loss"], a["bcp_loss_labeled"] + 0.5 * a["bcp_loss_unlabeled"], rtol=1e-5)
+
+
+def test_teacher_is_the_ema_of_the_student_trajectory(trainer):
+    from nnunetv2_bcp.bcp import unwrap_network
+    name = FIRST_CONV
+    teacher = trainer.teacher.state_dict()[name].clone()
+    trainer.bcp_ema_decay = 0.9
+    for step in range(3):
+        trainer.stage_two_step(*_batches(trainer, step))
+        teacher = 0.9 * teacher + 0.1 * unwrap_network(trainer.network).state_dict()[name]
+    assert torch.allclose(trainer.teacher.state_dict()[name], teacher, atol=1e-6)
+    assert not torch.allclose(trainer.teacher.state_dict()[name], trainer.network.state_dict()[name])
+
+
+def test_saved_student_and_teacher_predict_like_in_memory(trainer, tmp_path):
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    trainer.stage_two_step(*_batches(trainer, 5))
+    path = str(tmp_path / "ckpt.pth")
+    trainer.save_checkpoint(path)
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+    ckpt = torch.load(path, weights_only=False)
+    net = nnUNetTrainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1, 3, False)
+    net.load_state_dict(ckpt["network_weights"])
+    teacher = nnUNetTrainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1, 3,
+                                                       False)
+    teacher.load_state_dict(ckpt["bcp"]["teacher_weights"])
+    x = torch.randn(1, 1, *trainer.configuration_manager.patch_size)
+    trainer.set_deep_supervision_enabled(False)
+    trainer.network.eval()
+    with torch.no_grad():
+        assert torch.allclose(net.eval()(x), trainer.network(x), atol=1e-5)
+        assert torch.allclose(teacher.eval()(x), trainer.teacher(x), atol=1e-5)
