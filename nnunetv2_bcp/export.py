@@ -1,6 +1,5 @@
 """Export a BCP model folder for plain nnU-Net (no plugin needed to predict), with the student or the teacher."""
 import argparse
-import os
 import shutil
 
 import torch

@@ -1,5 +1,4 @@
 import numpy as np
-import pytest
 import torch
 
 from nnunetv2_bcp.bcp import keep_largest_component, pseudo_labels

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from batchgenerators.utilities.file_and_folder_operations import join, load_json, save_json
+from batchgenerators.utilities.file_and_folder_operations import join, load_json
 
 from conftest import plan_and_preprocess, run_cli
 

@@ -11,9 +11,9 @@ from batchgenerators.utilities.file_and_folder_operations import join, load_json
 
 from conftest import run_cli
 from nnunetv2_bcp.unlabeled.label_subset import LABEL_SUBSET_FILE, choose_label_subset, load_label_subset
-from nnunetv2_bcp.unlabeled.preprocess import (MANIFEST_FILE, preprocess_unlabeled,
-                                               preprocess_unlabeled_for_dataset, unlabeled_data_folder)
-from nnunetv2_bcp.unlabeled.raw import UnlabeledDataError, find_unlabeled_cases
+from nnunetv2_bcp.unlabeled.preprocess import (MANIFEST_FILE, collect_unlabeled_sources, preprocess_unlabeled,
+                                               unlabeled_data_folder)
+from nnunetv2_bcp.unlabeled.raw import UnlabeledDataError
 
 
 def _inputs(ds):
@@ -150,8 +150,7 @@ def test_channel_geometry_mismatch_is_reported(dataset_copy, tmp_path):
         shutil.copy(join(folder, f), join(folder, f.replace("_0000", "_0001")))
     _write_image(join(folder, "unl_000_0001.nii.gz"), np.zeros((32, 32, 32), np.float32), (2.0, 1.0, 1.0))
     with pytest.raises(UnlabeledDataError, match=r"unl_000_0001.nii.gz: spacing .* differs from channel 0"):
-        find_and_check = __import__("nnunetv2_bcp.unlabeled.preprocess", fromlist=["x"]).collect_unlabeled_sources
-        find_and_check(ds["raw"], ds["dataset_json"], None)
+        collect_unlabeled_sources(ds["raw"], ds["dataset_json"], None)
 
 
 def test_label_subset_choice_is_seeded_and_checked():
@@ -173,8 +172,6 @@ def test_label_subset_choice_is_seeded_and_checked():
 
 def test_label_subset_command_and_dropped_labels_never_opened(dataset_copy, monkeypatch):
     ds = dataset_copy
-    import nnunetv2.paths
-    name = os.path.basename(ds["raw"].rstrip("/"))
     # run the console command on the shared synthetic dataset, then look at what it wrote
     pre_root = os.environ["nnUNet_preprocessed"]
     result = run_cli("nnUNetv2_bcp_label_subset", "-d", "990", "-k", "2", "--seed", "3")

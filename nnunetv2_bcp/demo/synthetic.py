@@ -38,9 +38,15 @@ def _write(array: np.ndarray, path: str, spacing: Sequence[float]) -> None:
 
 def make_synthetic_dataset(raw_root: str, dataset_id: int = 990, name: str = "BCPSynthetic", num_labeled: int = 4,
                            num_unlabeled: int = 8, num_test: int = 4, shape: Sequence[int] = (32, 32, 32),
-                           num_channels: int = 1, spacing: Optional[Sequence[float]] = None, seed: int = 0) -> str:
+                           num_channels: int = 1, spacing: Optional[Sequence[float]] = None, seed: int = 0,
+                           regions: bool = False, ignore_label: bool = False) -> str:
     """Write ``DatasetXXX_Name`` into ``raw_root`` in nnU-Net's layout plus ``imagesUnlabeled`` and a labeled test
-    set (``imagesTs``/``labelsTs``). Returns the dataset folder."""
+    set (``imagesTs``/``labelsTs``). Returns the dataset folder.
+
+    ``regions``: dataset.json declares overlapping regions (whole object = labels 1+2, and label 2) for
+    region-based training. ``ignore_label``: label 3 marks the first quarter (along the first axis) of every
+    training label as not annotated (sparse annotation).
+    """
     rng = np.random.default_rng(seed)
     spacing = tuple(spacing) if spacing is not None else (1.0,) * len(shape)
     folder = join(raw_root, f"Dataset{dataset_id:03d}_{name}")
@@ -55,9 +61,16 @@ def make_synthetic_dataset(raw_root: str, dataset_id: int = 990, name: str = "BC
             for c in range(num_channels):
                 _write(images[c], join(folder, image_dir, f"{case}_{c:04d}.nii.gz"), spacing)
             if label_dir is not None:
+                if ignore_label and label_dir == "labelsTr":
+                    label[: max(1, shape[0] // 4)] = 3
                 _write(label, join(folder, label_dir, f"{case}.nii.gz"), spacing)
-    save_json({"channel_names": {str(c): f"MRI{c}" for c in range(num_channels)},
-               "labels": {"background": 0, "left": 1, "right": 2},
-               "numTraining": num_labeled, "file_ending": ".nii.gz", "name": name,
-               "description": "synthetic BCP demo data (nnunetv2_bcp)"}, join(folder, "dataset.json"), sort_keys=False)
+    labels = {"background": 0, "whole": [1, 2], "right": 2} if regions else {"background": 0, "left": 1, "right": 2}
+    if ignore_label:
+        labels["ignore"] = 3
+    dataset_json = {"channel_names": {str(c): f"MRI{c}" for c in range(num_channels)}, "labels": labels,
+                    "numTraining": num_labeled, "file_ending": ".nii.gz", "name": name,
+                    "description": "synthetic BCP demo data (nnunetv2_bcp)"}
+    if regions:
+        dataset_json["regions_class_order"] = [1, 2]
+    save_json(dataset_json, join(folder, "dataset.json"), sort_keys=False)
     return folder

@@ -2,3 +2,4 @@
 # processes can pickle them); this module only re-exports them.
 from nnunetv2_bcp.training.nnUNetTrainerBCP import nnUNetTrainerBCP  # noqa: F401
 from nnunetv2_bcp.training.variants import *  # noqa: F401,F403
+from nnunetv2_bcp.demo.trainers import nnUNetTrainerBCPDemo, nnUNetTrainerDemo  # noqa: F401

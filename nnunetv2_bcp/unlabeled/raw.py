@@ -5,7 +5,6 @@ Everything here runs before any long computation and fails with a message that n
 import gzip
 import os
 import re
-import zlib
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
