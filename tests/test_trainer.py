@@ -2,6 +2,10 @@
 import copy
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -20,7 +24,7 @@ class nnUNetTrainerBCP_test(nnUNetTrainerBCP):
     """2 epochs of stage 1, 2 of stage 2, a checkpoint every epoch; stops after epoch BCP_TEST_STOP_AFTER_EPOCH."""
     def __init__(self, plans, configuration, fold, dataset_json, device=None):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 4
+        self.num_epochs = int(os.environ.get("BCP_TEST_EPOCHS", 4))
         self.bcp_pretrain_epochs = 2
         self.num_iterations_per_epoch = 2
         self.num_val_iterations_per_epoch = 1
@@ -82,6 +86,11 @@ def test_train_resume_predict_end_to_end(synthetic_3d, ext_trainer_env, tmp_path
     progress = load_json(join(fold, "bcp_progress.json"))
     assert [p["epoch"] for p in progress] == [2, 3] and len(progress[0]["bcp_pseudo_fg_fraction"]) == 2
     assert os.path.isfile(join(fold, "progress.png")) and os.path.isfile(join(fold, "validation", "summary.json"))
+
+    os.remove(join(fold, "validation", "summary.json"))
+    run_cli("nnUNetv2_train", "990", "3d_fullres", "0", "-tr", "nnUNetTrainerBCP_test", "-device", "cpu", "--val",
+            env=env)
+    assert os.path.isfile(join(fold, "validation", "summary.json"))
 
     out = str(tmp_path / "pred")
     run_cli("nnUNetv2_predict", "-i", join(synthetic_3d["raw"], "imagesTs"), "-o", out, "-d", "990", "-c",
@@ -226,3 +235,67 @@ def test_saved_student_and_teacher_predict_like_in_memory(trainer, tmp_path):
     with torch.no_grad():
         assert torch.allclose(net.eval()(x), trainer.network(x), atol=1e-5)
         assert torch.allclose(teacher.eval()(x), trainer.teacher(x), atol=1e-5)
+
+
+def test_nonfinite_loss_skips_the_step_names_the_cases_and_keeps_the_teacher(trainer):
+    labeled, unlabeled = _batches(trainer, 0)
+    labeled["data"][0, 0, 0, 0, 0] = float("nan")
+    teacher = copy.deepcopy(trainer.teacher.state_dict())
+    student = copy.deepcopy(trainer.network.state_dict())
+    out = trainer.stage_two_step(labeled, unlabeled)
+    assert np.isnan(out["loss"])
+    assert all(torch.equal(v, teacher[k]) for k, v in trainer.teacher.state_dict().items())
+    assert all(torch.equal(v, student[k]) for k, v in trainer.network.state_dict().items())
+    log = open(trainer.log_file).read()
+    assert "step skipped, teacher not updated" in log and "['a', 'b']" in log and "['u', 'v']" in log
+    trainer.bcp_max_nonfinite_steps = 2
+    with pytest.raises(FloatingPointError, match="2 non-finite losses in a row"):
+        trainer.stage_two_step(labeled, unlabeled)
+
+
+def test_checkpoint_from_another_trainer_or_plan_is_refused(trainer, tmp_path):
+    path = str(tmp_path / "ckpt.pth")
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=False)
+    other_plan = copy.deepcopy(ckpt)
+    other_plan["init_args"]["configuration"] = "2d"
+    torch.save(other_plan, str(tmp_path / "other_plan.pth"))
+    with pytest.raises(SystemExit, match="configuration '2d', not 'nnUNetPlans', '3d_fullres'"):
+        trainer.load_checkpoint(str(tmp_path / "other_plan.pth"))
+    del ckpt["bcp"]
+    ckpt["trainer_name"] = "nnUNetTrainer"
+    torch.save(ckpt, str(tmp_path / "plain.pth"))
+    with pytest.raises(SystemExit, match="written by nnUNetTrainer, not by a BCP trainer"):
+        trainer.load_checkpoint(str(tmp_path / "plain.pth"))
+
+
+def test_sigkill_in_stage_two_then_resume(synthetic_3d, ext_trainer_env):
+    """A training killed with SIGKILL in stage 2 resumes from its last (complete) checkpoint with its teacher."""
+    env = dict(os.environ, **ext_trainer_env, nnUNet_n_proc_DA="0", BCP_TEST_EPOCHS="40")
+    cmd = [os.path.join(os.path.dirname(sys.executable), "nnUNetv2_train"), "990", "3d_fullres", "1", "-tr",
+           "nnUNetTrainerBCP_test", "-device", "cpu"]
+    fold = join(_results_folder("Dataset990_BCPSynthetic", "nnUNetTrainerBCP_test"), "fold_1")
+    latest = join(fold, "checkpoint_latest.pth")
+    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if os.path.isfile(latest):
+                checkpoint = torch.load(latest, weights_only=False, map_location="cpu")  # never half-written
+                if checkpoint["current_epoch"] >= 4:
+                    break
+            time.sleep(0.5)
+        else:
+            raise AssertionError("no stage-2 checkpoint within 300 s")
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    checkpoint = torch.load(latest, weights_only=False, map_location="cpu")
+    epoch = checkpoint["current_epoch"]
+    assert checkpoint["bcp"]["teacher_initialized"] and epoch >= 4
+    resumed = run_cli("nnUNetv2_train", *cmd[1:], "--c", env=dict(ext_trainer_env, nnUNet_n_proc_DA="0",
+                                                                 BCP_TEST_EPOCHS=str(epoch + 1)))
+    assert f"Epoch {epoch}" in resumed.stdout and "teacher initialised from the student" not in resumed.stdout
+    final = torch.load(join(fold, "checkpoint_final.pth"), weights_only=False, map_location="cpu")
+    assert final["current_epoch"] == epoch + 1 and final["bcp"]["iteration"] > checkpoint["bcp"]["iteration"]

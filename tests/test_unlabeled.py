@@ -1,6 +1,10 @@
 """Unlabeled images: raw validation, preprocessing (equality, staleness, resume), label subsets, the stream."""
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import blosc2
 import numpy as np
@@ -247,3 +251,38 @@ def test_console_command_preprocesses_and_rejects_bad_dataset(synthetic_3d):
     bad = run_cli("nnUNetv2_bcp_preprocess_unlabeled", "-d", "990", "-c", "3d_lowres", check=False)
     assert bad.returncode != 0 and "has no configuration ['3d_lowres']" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_preprocessing_killed_midway_finishes_cleanly(synthetic_3d, tmp_path):
+    roots = {name: str(tmp_path / name) for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    raw = join(roots["nnUNet_raw"], "Dataset990_BCPSynthetic")
+    shutil.copytree(synthetic_3d["raw"], raw)
+    shutil.copytree(synthetic_3d["preprocessed"], join(roots["nnUNet_preprocessed"], "Dataset990_BCPSynthetic"))
+    for i in range(4, 16):
+        shutil.copy(join(raw, "imagesUnlabeled", f"unl_{i % 4:03d}_0000.nii.gz"),
+                    join(raw, "imagesUnlabeled", f"unl_{i:03d}_0000.nii.gz"))
+    env = dict(os.environ, **roots)
+    cmd = [os.path.join(os.path.dirname(sys.executable), "nnUNetv2_bcp_preprocess_unlabeled"), "-d", "990",
+           "-c", "3d_fullres", "-np", "2"]
+    folder = join(roots["nnUNet_preprocessed"], "Dataset990_BCPSynthetic", "nnUNetPlans_3d_fullres_unlabeled")
+    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            manifest = join(folder, MANIFEST_FILE)
+            if os.path.isfile(manifest) and len(load_json(manifest)["cases"]) >= 2:
+                break
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    done_before = len(load_json(join(folder, MANIFEST_FILE))["cases"])
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"{done_before} of 16 cases up to date" in result.stdout
+    cases = load_json(join(folder, MANIFEST_FILE))["cases"]
+    assert len(cases) == 16 and not [f for f in os.listdir(folder) if f.startswith(".tmp_")]
+    for case in cases:  # every case complete and readable
+        assert blosc2.open(join(folder, case + ".b2nd"), mode="r")[:].shape[0] == 1
+        assert load_pickle(join(folder, case + ".pkl"))["class_locations"] is not None

@@ -55,6 +55,8 @@ class nnUNetTrainerBCP(nnUNetTrainer):
         self.dataloader_unlabeled = None
         self.bcp_teacher_initialized = False
         self.bcp_iteration = 0
+        self.bcp_max_nonfinite_steps = 10
+        self.bcp_nonfinite_in_a_row = 0
 
     # ------------------------------------------------------------------ set-up
     def bcp_settings(self) -> dict:
@@ -245,9 +247,8 @@ class nnUNetTrainerBCP(nnUNetTrainer):
                 terms = self.bcp_loss(outputs[0], mixed_targets[0], masks[0])
             loss = bcp_total(terms, self.bcp_alpha)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"BCP loss is {loss.item()} at epoch {self.current_epoch}; labeled cases "
-                                     f"{list(batch['keys'])}, unlabeled cases {list(unlabeled_batch['keys'])}. "
-                                     f"The teacher was not updated.")
+            return self._skip_nonfinite_step(loss, batch, unlabeled_batch)
+        self.bcp_nonfinite_in_a_row = 0
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)
@@ -262,6 +263,23 @@ class nnUNetTrainerBCP(nnUNetTrainer):
         self.bcp_iteration += 1
         return {'loss': loss.detach().cpu().numpy(), **self._stage_two_figures(outputs[0], mixed_targets[0],
                                                                                   masks[0], pseudo, terms)}
+
+    def _skip_nonfinite_step(self, loss: torch.Tensor, batch: dict, unlabeled_batch: dict) -> dict:
+        """No optimizer step and no EMA update on a non-finite loss (the teacher stays clean); name the cases.
+        Stops training after ``bcp_max_nonfinite_steps`` such steps in a row."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.bcp_nonfinite_in_a_row += 1
+        message = (f"BCP loss is {loss.item()} at epoch {self.current_epoch} (labeled cases {list(batch['keys'])}, "
+                   f"unlabeled cases {list(unlabeled_batch['keys'])}); step skipped, teacher not updated")
+        self.print_to_log_file("WARNING: " + message)
+        if self.bcp_nonfinite_in_a_row >= self.bcp_max_nonfinite_steps:
+            raise FloatingPointError(f"{message}. {self.bcp_nonfinite_in_a_row} non-finite losses in a row: "
+                                     f"stopping; check these cases and the learning rate")
+        nan = float("nan")
+        classes = self.label_manager.foreground_regions if self.label_manager.has_regions \
+            else self.label_manager.foreground_labels
+        return {'loss': np.array(nan), 'bcp_loss_labeled': nan, 'bcp_loss_unlabeled': nan,
+                'bcp_pseudo_fg_fraction': np.full(len(classes), nan), 'bcp_agreement': nan}
 
     @torch.no_grad()
     def _stage_two_figures(self, logits, mixed_target, from_labeled, pseudo, terms) -> dict:
@@ -285,7 +303,7 @@ class nnUNetTrainerBCP(nnUNetTrainer):
         super().on_train_epoch_end(train_outputs)
         if not self.in_stage_two() or 'bcp_agreement' not in train_outputs[0]:
             return
-        figures = {k: np.mean(np.stack([o[k] for o in train_outputs]), axis=0).tolist()
+        figures = {k: np.nanmean(np.stack([o[k] for o in train_outputs]), axis=0).tolist()
                    for k in ('bcp_loss_labeled', 'bcp_loss_unlabeled', 'bcp_pseudo_fg_fraction', 'bcp_agreement')}
         if self.is_ddp:
             import torch.distributed as dist
@@ -326,6 +344,12 @@ class nnUNetTrainerBCP(nnUNetTrainer):
             raise SystemExit(f"ERROR ({self.__class__.__name__}): {path} was written by "
                              f"{checkpoint.get('trainer_name', 'another trainer')}, not by a BCP trainer, and has no "
                              f"teacher; use it with -pretrained_weights instead of --c.")
+        init_args = checkpoint.get('init_args', {})
+        theirs = (init_args.get('plans', {}).get('plans_name'), init_args.get('configuration'))
+        ours = (self.plans_manager.plans_name, self.configuration_name)
+        if theirs != ours:
+            raise SystemExit(f"ERROR ({self.__class__.__name__}): {path} was trained with plans '{theirs[0]}', "
+                             f"configuration '{theirs[1]}', not '{ours[0]}', '{ours[1]}'.")
         super().load_checkpoint(path)
         bcp = checkpoint['bcp']
         self.teacher.load_state_dict(bcp['teacher_weights'])
