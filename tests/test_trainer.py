@@ -144,7 +144,7 @@ def test_label_subset_training_never_reads_dropped_labels(nnunet_dirs, ext_train
             f.write(b"destroyed")
     result = run_cli("nnUNetv2_train", "994", "3d_fullres", "0", "-tr", "nnUNetTrainerBCP_test", "-device", "cpu",
                      env=dict(ext_trainer_env, nnUNet_n_proc_DA="0"))
-    assert "BCP label subset: 2 labeled training cases, 6 training cases used without their labels" in result.stdout
+    assert "Label subset: 2 labeled training cases, 6 training cases with their labels dropped" in result.stdout
     assert "BCP unlabeled stream: 6 cases" in result.stdout
 
 
