@@ -1,5 +1,6 @@
 """BCP on the kinds of dataset nnU-Net accepts: multi-channel + 2d, regions + ignore label, ignore label with an
-odd batch size, batch size 1 — each trained through both stages with nnUNetv2_train, resumed and predicted."""
+odd batch size, batch size 1, ResEnc plans — each trained through both stages with nnUNetv2_train, resumed and
+predicted."""
 import os
 
 import numpy as np
@@ -12,34 +13,38 @@ from conftest import plan_and_preprocess, run_cli
 from test_trainer import ext_trainer_env  # noqa: F401  (fixture)
 
 KINDS = {
-    # name: (dataset id, synthetic options, configuration, batch size override)
-    "two_channels_2d": (981, dict(num_channels=2, shape=(12, 32, 32)), "2d", None),
-    "regions_ignore_3d": (982, dict(regions=True, ignore_label=True, shape=(16, 16, 16)), "3d_fullres", None),
-    "ignore_odd_batch_3d": (983, dict(ignore_label=True, shape=(16, 16, 16)), "3d_fullres", 3),
-    "batch_size_one_3d": (984, dict(shape=(16, 16, 16)), "3d_fullres", 1),
+    # name: (dataset id, synthetic options, configuration, batch size override, planner)
+    "two_channels_2d": (981, dict(num_channels=2, shape=(12, 32, 32)), "2d", None, None),
+    "regions_ignore_3d": (982, dict(regions=True, ignore_label=True, shape=(16, 16, 16)), "3d_fullres", None, None),
+    "ignore_odd_batch_3d": (983, dict(ignore_label=True, shape=(16, 16, 16)), "3d_fullres", 3, None),
+    "batch_size_one_3d": (984, dict(shape=(16, 16, 16)), "3d_fullres", 1, None),
+    "resenc_plans_3d": (985, dict(shape=(16, 16, 16)), "3d_fullres", None, "nnUNetPlannerResEncM"),
 }
+PLANS_OF_PLANNER = {None: "nnUNetPlans", "nnUNetPlannerResEncM": "nnUNetResEncUNetMPlans"}
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_bcp_trains_resumes_and_predicts(kind, nnunet_dirs, ext_trainer_env, tmp_path):  # noqa: F811
     from nnunetv2_bcp.demo.synthetic import make_synthetic_dataset
-    dataset_id, options, configuration, batch_size = KINDS[kind]
+    dataset_id, options, configuration, batch_size, planner = KINDS[kind]
+    plans_name = PLANS_OF_PLANNER[planner]
     folder = make_synthetic_dataset(nnunet_dirs["nnUNet_raw"], dataset_id, kind.replace("_", ""), num_labeled=5,
                                     num_unlabeled=3, num_test=1, **options)
-    plan_and_preprocess(dataset_id, (configuration,))
+    plan_and_preprocess(dataset_id, (configuration,), ("-pl", planner) if planner else ())
     name = os.path.basename(folder)
-    plans_file = join(nnunet_dirs["nnUNet_preprocessed"], name, "nnUNetPlans.json")
+    plans_file = join(nnunet_dirs["nnUNet_preprocessed"], name, plans_name + ".json")
     if batch_size is not None:
         plans = load_json(plans_file)
         plans["configurations"][configuration]["batch_size"] = batch_size
         save_json(plans, plans_file, sort_keys=False)
     env = dict(ext_trainer_env, nnUNet_n_proc_DA="0")
-    train = ["nnUNetv2_train", str(dataset_id), configuration, "0", "-tr", "nnUNetTrainerBCP_test", "-device", "cpu"]
+    train = ["nnUNetv2_train", str(dataset_id), configuration, "0", "-tr", "nnUNetTrainerBCP_test", "-p", plans_name,
+             "-device", "cpu"]
     crashed = run_cli(*train, env=dict(env, BCP_TEST_STOP_AFTER_EPOCH="2"), check=False)
     assert crashed.returncode == 3, crashed.stderr[-3000:]
     resumed = run_cli(*train, "--c", env=env)
     assert "student-teacher agreement on unlabeled voxels" in resumed.stdout
-    fold = join(nnunet_dirs["nnUNet_results"], name, f"nnUNetTrainerBCP_test__nnUNetPlans__{configuration}", "fold_0")
+    fold = join(nnunet_dirs["nnUNet_results"], name, f"nnUNetTrainerBCP_test__{plans_name}__{configuration}", "fold_0")
     final = torch.load(join(fold, "checkpoint_final.pth"), weights_only=False, map_location="cpu")
     assert final["bcp"]["iteration"] == 4
     progress = load_json(join(fold, "bcp_progress.json"))
@@ -47,6 +52,6 @@ def test_bcp_trains_resumes_and_predicts(kind, nnunet_dirs, ext_trainer_env, tmp
     assert all(np.isfinite(p["bcp_loss_unlabeled"]) for p in progress)
     out = str(tmp_path / "pred")
     run_cli("nnUNetv2_predict", "-i", join(folder, "imagesTs"), "-o", out, "-d", str(dataset_id), "-c",
-            configuration, "-f", "0", "-tr", "nnUNetTrainerBCP_test", "-device", "cpu", env=env)
+            configuration, "-f", "0", "-tr", "nnUNetTrainerBCP_test", "-p", plans_name, "-device", "cpu", env=env)
     pred = sitk.GetArrayFromImage(sitk.ReadImage(join(out, "test_000.nii.gz")))
     assert pred.shape == tuple(options["shape"]) and set(np.unique(pred)) <= {0, 1, 2}
