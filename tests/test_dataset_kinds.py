@@ -19,6 +19,7 @@ KINDS = {
     "ignore_odd_batch_3d": (983, dict(ignore_label=True, shape=(16, 16, 16)), "3d_fullres", 3, None),
     "batch_size_one_3d": (984, dict(shape=(16, 16, 16)), "3d_fullres", 1, None),
     "resenc_plans_3d": (985, dict(shape=(16, 16, 16)), "3d_fullres", None, "nnUNetPlannerResEncM"),
+    "anisotropic_3d": (986, dict(shape=(12, 40, 40), spacing=(3.0, 1.0, 1.0)), "3d_fullres", None, None),
 }
 PLANS_OF_PLANNER = {None: "nnUNetPlans", "nnUNetPlannerResEncM": "nnUNetResEncUNetMPlans"}
 
@@ -47,6 +48,12 @@ def test_bcp_trains_resumes_and_predicts(kind, nnunet_dirs, ext_trainer_env, tmp
     fold = join(nnunet_dirs["nnUNet_results"], name, f"nnUNetTrainerBCP_test__{plans_name}__{configuration}", "fold_0")
     final = torch.load(join(fold, "checkpoint_final.pth"), weights_only=False, map_location="cpu")
     assert final["bcp"]["iteration"] == 4
+    # boxes on the coarsest deep-supervision grid of these plans (anisotropic plans: a different stride per axis)
+    arch = load_json(plans_file)["configurations"][configuration]["architecture"]["arch_kwargs"]
+    strides = np.prod(arch["strides"][:-1], axis=0).tolist()
+    assert load_json(join(fold, "bcp_settings.json"))["box_stride"] == strides
+    if kind == "anisotropic_3d":
+        assert len(set(strides)) > 1
     progress = load_json(join(fold, "bcp_progress.json"))
     assert len(progress[-1]["bcp_pseudo_fg_fraction"]) == 2  # two classes / two regions
     assert all(np.isfinite(p["bcp_loss_unlabeled"]) for p in progress)
@@ -55,3 +62,15 @@ def test_bcp_trains_resumes_and_predicts(kind, nnunet_dirs, ext_trainer_env, tmp
             configuration, "-f", "0", "-tr", "nnUNetTrainerBCP_test", "-p", plans_name, "-device", "cpu", env=env)
     pred = sitk.GetArrayFromImage(sitk.ReadImage(join(out, "test_000.nii.gz")))
     assert pred.shape == tuple(options["shape"]) and set(np.unique(pred)) <= {0, 1, 2}
+
+
+def test_cascade_is_refused_with_a_message(synthetic_3d):
+    from nnunetv2_bcp import nnUNetTrainerBCP
+    plans = load_json(join(synthetic_3d["preprocessed"], "nnUNetPlans.json"))
+    plans["configurations"]["3d_lowres"] = {"inherits_from": "3d_fullres", "next_stage": "3d_cascade_fullres"}
+    plans["configurations"]["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
+    plans["continue_training"] = False
+    dataset_json = load_json(join(synthetic_3d["preprocessed"], "dataset.json"))
+    trainer = nnUNetTrainerBCP(plans, "3d_cascade_fullres", 0, dataset_json, torch.device("cpu"))
+    with pytest.raises(SystemExit, match="cascade configurations \\(3d_cascade_fullres\\) are not supported"):
+        trainer.initialize()
