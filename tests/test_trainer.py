@@ -127,6 +127,16 @@ def test_refuses_without_unlabeled_images(nnunet_dirs, ext_trainer_env):
     assert "needs unlabeled images and found none" in result.stderr
     assert join(folder, "imagesUnlabeled") in result.stderr and "nnUNetv2_bcp_label_subset" in result.stderr
     assert "Traceback" not in result.stderr
+    # an empty imagesUnlabeled folder gets the same message
+    from nnunetv2_bcp import nnUNetTrainerBCP
+    from nnunetv2_bcp.unlabeled.raw import UnlabeledDataError
+    os.makedirs(join(folder, "imagesUnlabeled"))
+    pre = join(nnunet_dirs["nnUNet_preprocessed"], "Dataset993_NoUnlabeled")
+    plans = dict(load_json(join(pre, "nnUNetPlans.json")), continue_training=False)
+    trainer = nnUNetTrainerBCP(plans, "3d_fullres", 0, load_json(join(pre, "dataset.json")), torch.device("cpu"))
+    trainer.initialize()
+    with pytest.raises(UnlabeledDataError, match="needs unlabeled images and found none"):
+        trainer._unlabeled_keys()
 
 
 def test_label_subset_training_never_reads_dropped_labels(nnunet_dirs, ext_trainer_env):

@@ -220,6 +220,9 @@ def test_stream_yields_augmented_batches(dataset_copy):
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from nnunetv2_bcp.unlabeled.loader import make_unlabeled_stream, shutdown_stream, split_augmentation_workers
     ds = dataset_copy
+    # an unlabeled image smaller than the patch is padded, as nnU-Net pads small training images
+    _write_image(join(ds["raw"], "imagesUnlabeled", "small_000_0000.nii.gz"),
+                 np.random.default_rng(0).random((10, 12, 14)).astype(np.float32))
     folder = _run(ds)
     pm = PlansManager(ds["plans"])
     cm = pm.get_configuration("3d_fullres")
@@ -227,18 +230,21 @@ def test_stream_yields_augmented_batches(dataset_copy):
     scales = list(list(i) for i in 1 / np.cumprod(np.vstack(cm.pool_op_kernel_sizes), axis=0))[:-1]
     transforms = nnUNetTrainer.get_training_transforms(cm.patch_size, (-0.5, 0.5), scales, (0, 1, 2), False)
     dataset = nnUNetDatasetBlosc2(folder)
-    assert sorted(dataset.identifiers) == [f"unl_{i:03d}" for i in range(4)]
+    assert sorted(dataset.identifiers) == ["small_000"] + [f"unl_{i:03d}" for i in range(4)]
     for workers in (0, 1):
-        stream = make_unlabeled_stream(dataset, 3, [40, 40, 40], cm.patch_size, lm, transforms, num_processes=workers)
+        stream = make_unlabeled_stream(dataset, 6, [40, 40, 40], cm.patch_size, lm, transforms, num_processes=workers)
         try:
             for _ in range(2):
                 batch = next(stream)
-                assert batch["data"].shape == (3, 1, *cm.patch_size) and batch["data"].dtype == torch.float32
+                assert batch["data"].shape == (6, 1, *cm.patch_size) and batch["data"].dtype == torch.float32
                 assert len(batch["target"]) == len(scales)
                 assert all(set(k).issubset(dataset.identifiers) for k in [batch["keys"]])
                 assert torch.isfinite(batch["data"]).all() and batch["data"].std() > 0.1
         finally:
             shutdown_stream(stream)
+    small = make_unlabeled_stream(nnUNetDatasetBlosc2(folder, ["small_000"]), 2, [40, 40, 40], cm.patch_size, lm,
+                                  transforms, num_processes=0)
+    assert next(small)["data"].shape == (2, 1, *cm.patch_size)  # smaller than the patch: padded
     assert split_augmentation_workers(0) == (0, 0) and split_augmentation_workers(1) == (1, 1)
     assert split_augmentation_workers(5) == (3, 2) and split_augmentation_workers(12) == (6, 6)
 
