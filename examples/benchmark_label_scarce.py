@@ -57,7 +57,8 @@ class BenchBCP(nnUNetTrainerBCP):
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         _schedule(self)
-        self.bcp_pretrain_epochs = default_pretrain_epochs(self.num_epochs)
+        self.bcp_pretrain_epochs = int(os.environ.get("BENCH_BCP_PRETRAIN_EPOCHS",
+                                                      default_pretrain_epochs(self.num_epochs)))
 
 
 class BenchCeiling(nnUNetTrainer):
@@ -130,6 +131,7 @@ def prepare(args):
 def run(args):
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunetv2_bcp.training.nnUNetTrainerBCP import default_pretrain_epochs
     from nnunetv2_bcp.unlabeled.label_subset import LABEL_SUBSET_FILE, choose_label_subset
     env = environment(args.work_dir)
     folder = dataset_folder(env)
@@ -147,7 +149,15 @@ def run(args):
     epochs = args.iterations // args.iterations_per_epoch
     env.update(BENCH_EPOCHS=str(epochs), BENCH_ITERATIONS=str(args.iterations_per_epoch))
     trainer = ARM_TRAINERS[args.arm]
-    log = join(args.work_dir, f"{args.arm}_k{k}.log")
+    run_name = f"{args.arm}_k{k}"
+    pretrain_epochs = None
+    if args.arm == "bcp":
+        pretrain_epochs = default_pretrain_epochs(epochs) if args.bcp_pretrain_epochs is None \
+            else args.bcp_pretrain_epochs
+        env["BENCH_BCP_PRETRAIN_EPOCHS"] = str(pretrain_epochs)
+        if args.bcp_pretrain_epochs is not None:
+            run_name += f"_pretrain{pretrain_epochs}"
+    log = join(args.work_dir, f"{run_name}.log")
     results_folder = join(env["nnUNet_results"], os.path.basename(folder), f"{trainer}__{PLANS}__3d_fullres")
     shutil.rmtree(results_folder, ignore_errors=True)  # each arm from scratch
     start = time.time()
@@ -156,7 +166,7 @@ def run(args):
     train_seconds = time.time() - start
     test_images = args.test_images or join(folder, "imagesTs")
     test_labels = args.test_labels or join(folder, "labelsTs")
-    pred = join(args.work_dir, f"pred_{args.arm}_k{k}")
+    pred = join(args.work_dir, f"pred_{run_name}")
     shutil.rmtree(pred, ignore_errors=True)
     sh(["nnUNetv2_predict", "-i", test_images, "-o", pred, "-d", str(DATASET_ID), "-c", "3d_fullres", "-p", PLANS,
         "-f", "0", "-tr", trainer, "-device", args.device, "-npp", "1", "-nps", "1"], env, log)
@@ -168,6 +178,14 @@ def run(args):
               "train_seconds": round(train_seconds), "seed": args.seed, "device": args.device,
               "num_test": len(os.listdir(test_labels)), "trainer": trainer, "plans": PLANS,
               "date": time.strftime("%Y-%m-%d")}
+    if pretrain_epochs is not None:
+        result["bcp_pretrain_epochs"] = pretrain_epochs
+    # keep the trained model of every run (the next run of the same arm starts from scratch in nnUNet_results)
+    kept = join(args.work_dir, "models", run_name)
+    maybe_mkdir_p(os.path.dirname(kept))
+    shutil.rmtree(kept, ignore_errors=True)
+    shutil.move(results_folder, kept)
+    result["model_folder"] = os.path.relpath(kept, args.work_dir)
     maybe_mkdir_p(os.path.dirname(args.results))
     with open(args.results, "a") as f:
         f.write(json.dumps(result) + "\n")
@@ -180,7 +198,9 @@ def table(args):
              "|---|---|---|---|---|---|---|---|"]
     order = {"labeled": 0, "bcp": 1, "ceiling": 2}
     for r in sorted(rows, key=lambda r: (r["k"], order[r["arm"]])):
-        lines.append(f"| {r['arm']} ({r['trainer']}) | {r['k']} | {r['dice_per_class']['1']:.4f} | "
+        arm = f"{r['arm']} ({r['trainer']}" + (f", stage 1: {r['bcp_pretrain_epochs']} epochs)"
+                                               if "bcp_pretrain_epochs" in r else ")")
+        lines.append(f"| {arm} | {r['k']} | {r['dice_per_class']['1']:.4f} | "
                      f"{r['dice_per_class']['2']:.4f} | {r['dice_mean']:.4f} | {r['iterations']} | "
                      f"{r['train_seconds'] / 60:.0f} min ({r['device']}) | {r['seed']} |")
     text = "\n".join(lines)
@@ -204,6 +224,8 @@ def main():
     r.add_argument("--iterations", type=int, default=1000)
     r.add_argument("--iterations-per-epoch", type=int, default=25)
     r.add_argument("--device", default="cpu")
+    r.add_argument("--bcp-pretrain-epochs", type=int, default=None,
+                   help="bcp arm: stage-1 epochs (default: nnUNetTrainerBCP's 20%% of the epochs)")
     r.add_argument("--test-images", default=None)
     r.add_argument("--test-labels", default=None)
     t = sub.add_parser("table")
