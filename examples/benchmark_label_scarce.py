@@ -9,6 +9,8 @@ all-labeled ceiling, with the same configuration, batch size and iteration budge
     python examples/benchmark_label_scarce.py run -w bench --arm ceiling
     # the README table from the results file
     python examples/benchmark_label_scarce.py table
+    # per-epoch validation Dice and BCP pseudo-label figures of one run, from its log
+    python examples/benchmark_label_scarce.py curves -w bench --run bcp_k2
 
 Arms: ``labeled`` = nnUNetTrainerLabelSubset (plain nnU-Net on the K cases of the label subset), ``bcp`` =
 nnUNetTrainerBCP (the same K cases labeled, the pool's other cases unlabeled through ``bcp_label_subset.json``),
@@ -212,6 +214,31 @@ def table(args):
     print(text)
 
 
+def curves(args):
+    """Per-epoch figures of one run from its training log (the last training in ``<work>/<run>.log``): validation
+    pseudo Dice per class and, in BCP's stage 2, the teacher's pseudo-label foreground fraction per class and the
+    student-teacher agreement on unlabeled-origin voxels."""
+    import re
+    lines = open(join(args.work_dir, f"{args.run}.log")).read().splitlines()
+    starts = [i for i, line in enumerate(lines) if re.search(r"\bEpoch 0$", line)]
+    rows, epoch = {}, None
+    for line in lines[starts[-1]:]:
+        if m := re.search(r"\bEpoch (\d+)$", line):
+            epoch = int(m.group(1))
+            rows[epoch] = {"stage": ""}
+        elif m := re.search(r"BCP stage (\d)$", line):
+            rows[epoch]["stage"] = m.group(1)
+        elif m := re.search(r"Pseudo dice \[(.*)\]", line):
+            rows[epoch]["dice"] = [float(v) for v in re.findall(r"\(([\d.]+)\)", m.group(1))]
+        elif m := re.search(r"foreground fraction per class \[(.*)\]; student-teacher agreement on unlabeled voxels "
+                            r"([\d.]+)", line):
+            rows[epoch]["pseudo_fg"] = [float(v) for v in m.group(1).split(",")]
+            rows[epoch]["agreement"] = float(m.group(2))
+    print("epoch | stage | val pseudo Dice per class | teacher pseudo-label foreground per class | agreement")
+    for e, r in sorted(rows.items()):
+        print(f"{e:5d} | {r['stage']:5s} | {r.get('dice', '')} | {r.get('pseudo_fg', '')} | {r.get('agreement', '')}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -229,13 +256,15 @@ def main():
     r.add_argument("--test-images", default=None)
     r.add_argument("--test-labels", default=None)
     t = sub.add_parser("table")
-    for q in (p, r, t):
+    c = sub.add_parser("curves")
+    c.add_argument("--run", required=True, help="a run name, e.g. bcp_k2 or labeled_k4 (its log in the work dir)")
+    for q in (p, r, t, c):
         q.add_argument("-w", "--work-dir", default="bench_hippocampus")
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--results", default=RESULTS)
     args = parser.parse_args()
     args.work_dir = os.path.abspath(args.work_dir)
-    {"prepare": prepare, "run": run, "table": table}[args.command](args)
+    {"prepare": prepare, "run": run, "table": table, "curves": curves}[args.command](args)
 
 
 if __name__ == "__main__":

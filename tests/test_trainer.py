@@ -263,6 +263,22 @@ def test_nonfinite_loss_skips_the_step_names_the_cases_and_keeps_the_teacher(tra
         trainer.stage_two_step(labeled, unlabeled)
 
 
+def test_a_teacher_that_misses_classes_is_reported(trainer):
+    seg_layer = trainer.teacher.decoder.seg_layers[-1]
+    with torch.no_grad():  # a teacher that predicts background everywhere
+        seg_layer.weight.zero_()
+        seg_layer.bias.copy_(torch.tensor([10.0, -10.0, -10.0]))
+    out = trainer.stage_two_step(*_batches(trainer, 0))
+    assert out["bcp_pseudo_fg_fraction"].tolist() == [0.0, 0.0]
+    trainer.on_train_epoch_end([out])
+    log = open(trainer.log_file).read()
+    assert "the teacher labelled no voxel of classes [1, 2]" in log and "raise bcp_pretrain_epochs" in log
+    with torch.no_grad():
+        seg_layer.bias.copy_(torch.tensor([-10.0, 10.0, -10.0]))  # only class 1
+    trainer.on_train_epoch_end([trainer.stage_two_step(*_batches(trainer, 1))])
+    assert "no voxel of class [2]" in open(trainer.log_file).read()
+
+
 def test_checkpoint_from_another_trainer_or_plan_is_refused(trainer, tmp_path):
     path = str(tmp_path / "ckpt.pth")
     trainer.save_checkpoint(path)

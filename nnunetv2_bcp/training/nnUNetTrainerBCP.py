@@ -325,12 +325,28 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
             f"{'region' if self.label_manager.has_regions else 'class'} "
             f"{np.round(figures['bcp_pseudo_fg_fraction'], 4).tolist()}; "
             f"student-teacher agreement on unlabeled voxels {figures['bcp_agreement']:.4f}")
+        self._warn_if_teacher_misses_classes(figures['bcp_pseudo_fg_fraction'])
         if self.local_rank == 0:
             history_file = join(self.output_folder, "bcp_progress.json")
             history = load_json(history_file) if isfile(history_file) else []
             history = [h for h in history if h["epoch"] < self.current_epoch] + [
                 {"epoch": self.current_epoch, **figures}]
             save_json(history, history_file, sort_keys=False)
+
+    def _warn_if_teacher_misses_classes(self, pseudo_fg_fraction: List[float]) -> None:
+        """A teacher that labels no voxel of a class gives that class only background on unlabeled-origin voxels,
+        which teaches the student to miss it. Seen on short schedules whose stage 1 ended before the student had
+        learnt every class (examples/benchmark_label_scarce.py, K=2: no posterior pseudo-labels for 8 epochs)."""
+        regions = self.label_manager.has_regions
+        names = self.label_manager.foreground_regions if regions else self.label_manager.foreground_labels
+        missing = [tuple(int(i) for i in n) if isinstance(n, (list, tuple)) else int(n)
+                   for n, f in zip(names, pseudo_fg_fraction) if f == 0]
+        if missing:
+            kind = ("region" if regions else "class") if len(missing) == 1 else ("regions" if regions else "classes")
+            self.print_to_log_file(
+                f"WARNING: the teacher labelled no voxel of {kind} {missing} in this epoch's unlabeled patches, so "
+                f"they are trained as background there. If this lasts more than a few epochs, stage 1 was too short "
+                f"for the teacher to learn them: raise bcp_pretrain_epochs (now {self.bcp_pretrain_epochs}).")
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, filename: str) -> None:
