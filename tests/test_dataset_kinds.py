@@ -86,14 +86,3 @@ def test_bcp_trains_resumes_and_predicts(kind, nnunet_dirs, ext_trainer_env, tmp
         assert "cascade configurations (3d_cascade_fullres) are not supported" in cascade.stderr
         assert "Traceback" not in cascade.stderr
 
-
-def test_cascade_is_refused_with_a_message(synthetic_3d):
-    from nnunetv2_bcp import nnUNetTrainerBCP
-    plans = load_json(join(synthetic_3d["preprocessed"], "nnUNetPlans.json"))
-    plans["configurations"]["3d_lowres"] = {"inherits_from": "3d_fullres", "next_stage": "3d_cascade_fullres"}
-    plans["configurations"]["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
-    plans["continue_training"] = False
-    dataset_json = load_json(join(synthetic_3d["preprocessed"], "dataset.json"))
-    trainer = nnUNetTrainerBCP(plans, "3d_cascade_fullres", 0, dataset_json, torch.device("cpu"))
-    with pytest.raises(SystemExit, match="cascade configurations \\(3d_cascade_fullres\\) are not supported"):
-        trainer.initialize()
