@@ -11,6 +11,8 @@ all-labeled ceiling, with the same configuration, batch size and iteration budge
     python examples/benchmark_label_scarce.py table
     # per-epoch validation Dice and BCP pseudo-label figures of one run, from its log
     python examples/benchmark_label_scarce.py curves -w bench --run bcp_k2
+    # teacher and student of a kept BCP run scored on the unlabeled cases (their held-back labels)
+    python examples/benchmark_label_scarce.py pseudo -w bench --run bcp_k4
 
 Arms: ``labeled`` = nnUNetTrainerLabelSubset (plain nnU-Net on the K cases of the label subset), ``bcp`` =
 nnUNetTrainerBCP (the same K cases labeled, the pool's other cases unlabeled through ``bcp_label_subset.json``),
@@ -239,6 +241,59 @@ def curves(args):
         print(f"{e:5d} | {r['stage']:5s} | {r.get('dice', '')} | {r.get('pseudo_fg', '')} | {r.get('agreement', '')}")
 
 
+def pseudo(args):
+    """How good are BCP's pseudo-labels? The benchmark's unlabeled cases have labels that training never reads: score
+    a kept run's EMA teacher and student on them (nnUNetv2_predict_from_modelfolder without test-time mirroring, as
+    the teacher labels patches in training), before and after the largest-component filter BCP applies."""
+    import tempfile
+    import SimpleITK as sitk
+    import torch
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunetv2_bcp.bcp import keep_largest_component
+    from nnunetv2_bcp.unlabeled.label_subset import choose_label_subset
+    env = environment(args.work_dir)
+    folder = dataset_folder(env)
+    pre = join(env["nnUNet_preprocessed"], os.path.basename(folder))
+    splits = load_json(join(pre, "splits_final.json"))
+    model = join(args.work_dir, "models", args.run)
+    k = int(args.run.split("_k")[1].split("_")[0])
+    cases = choose_label_subset(splits[0]["train"], splits, num_labeled=k, seed=args.seed)["folds"]["0"]["unlabeled"]
+    cases = sorted(cases)[:args.num_cases]
+    ending = load_json(join(folder, "dataset.json"))["file_ending"]
+    images = tempfile.mkdtemp(dir=args.work_dir)
+    for case in cases:
+        os.symlink(join(folder, "imagesTr", f"{case}_0000{ending}"), join(images, f"{case}_0000{ending}"))
+    labels = join(folder, "labelsTr")
+    result = {"run": args.run, "num_cases": len(cases)}
+    for which in ("teacher", "student"):
+        exported = join(args.work_dir, f"export_{args.run}_{which}")
+        shutil.rmtree(exported, ignore_errors=True)
+        sh(["nnUNetv2_bcp_export", "-i", model, "-o", exported, "-f", "0"] + (["--teacher"] if which == "teacher"
+                                                                               else []), env)
+        pred = join(args.work_dir, f"pseudo_{args.run}_{which}")
+        shutil.rmtree(pred, ignore_errors=True)
+        sh(["nnUNetv2_predict_from_modelfolder", "-i", images, "-o", pred, "-m", exported, "-f", "0",
+            "--disable_tta", "-device", args.device, "-npp", "1", "-nps", "1"], env)
+        filtered = pred + "_largest_component"
+        maybe_mkdir_p(filtered)
+        for case in cases:
+            image = sitk.ReadImage(join(pred, case + ending))
+            seg = torch.from_numpy(sitk.GetArrayFromImage(image).astype("int64"))[None, None]
+            kept = sitk.GetImageFromArray(keep_largest_component(seg)[0, 0].numpy().astype("uint8"))
+            kept.CopyInformation(image)
+            sitk.WriteImage(kept, join(filtered, case + ending))
+        for name, out in ((which, pred), (which + "_largest_component", filtered)):
+            metrics = compute_metrics_on_folder(labels, out, join(out, "summary.json"), SimpleITKIO(), ending,
+                                                [1, 2], num_processes=2)
+            result[name] = {"dice_per_class": {str(c): round(metrics["mean"][c]["Dice"], 4) for c in (1, 2)},
+                            "dice_mean": round(metrics["foreground_mean"]["Dice"], 4)}
+    shutil.rmtree(images)
+    print(json.dumps(result, indent=1))
+    with open(join(args.work_dir, "pseudo_label_quality.jsonl"), "a") as f:
+        f.write(json.dumps(result) + "\n")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -258,13 +313,17 @@ def main():
     t = sub.add_parser("table")
     c = sub.add_parser("curves")
     c.add_argument("--run", required=True, help="a run name, e.g. bcp_k2 or labeled_k4 (its log in the work dir)")
-    for q in (p, r, t, c):
+    u = sub.add_parser("pseudo")
+    u.add_argument("--run", required=True, help="a kept BCP run, e.g. bcp_k4 (its model in <work>/models)")
+    u.add_argument("--device", default="cpu")
+    u.add_argument("--num-cases", type=int, default=60, help="score the first N unlabeled cases (sorted)")
+    for q in (p, r, t, c, u):
         q.add_argument("-w", "--work-dir", default="bench_hippocampus")
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--results", default=RESULTS)
     args = parser.parse_args()
     args.work_dir = os.path.abspath(args.work_dir)
-    {"prepare": prepare, "run": run, "table": table, "curves": curves}[args.command](args)
+    {"prepare": prepare, "run": run, "table": table, "curves": curves, "pseudo": pseudo}[args.command](args)
 
 
 if __name__ == "__main__":
