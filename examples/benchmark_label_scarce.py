@@ -231,7 +231,7 @@ def curves(args):
         elif m := re.search(r"BCP stage (\d)$", line):
             rows[epoch]["stage"] = m.group(1)
         elif m := re.search(r"Pseudo dice \[(.*)\]", line):
-            rows[epoch]["dice"] = [float(v) for v in re.findall(r"\(([\d.]+)\)", m.group(1))]
+            rows[epoch]["dice"] = [float(v) for v in re.findall(r"\(([^()]+)\)", m.group(1))]
         elif m := re.search(r"foreground fraction per class \[(.*)\]; student-teacher agreement on unlabeled voxels "
                             r"([\d.]+)", line):
             rows[epoch]["pseudo_fg"] = [float(v) for v in m.group(1).split(",")]
