@@ -184,6 +184,11 @@ def run(args):
               "date": time.strftime("%Y-%m-%d")}
     if pretrain_epochs is not None:
         result["bcp_pretrain_epochs"] = pretrain_epochs
+        settings = load_json(join(results_folder, "fold_0", "bcp_settings.json"))
+        if "bcp_pretrain_min_dice" in settings:  # stage 1 may go on while the student misses a class
+            result["bcp_pretrain_min_dice"] = settings["bcp_pretrain_min_dice"]
+            progress = load_json(join(results_folder, "fold_0", "bcp_progress.json"))
+            result["bcp_stage1_epochs"] = progress[0]["epoch"] if progress else epochs
     # keep the trained model of every run (the next run of the same arm starts from scratch in nnUNet_results)
     kept = join(args.work_dir, "models", run_name)
     maybe_mkdir_p(os.path.dirname(kept))
@@ -202,8 +207,12 @@ def table(args):
              "|---|---|---|---|---|---|---|---|"]
     order = {"labeled": 0, "bcp": 1, "ceiling": 2}
     for r in sorted(rows, key=lambda r: (r["k"], order[r["arm"]])):
-        arm = f"{r['arm']} ({r['trainer']}" + (f", stage 1: {r['bcp_pretrain_epochs']} epochs)"
-                                               if "bcp_pretrain_epochs" in r else ")")
+        arm = f"{r['arm']} ({r['trainer']})"
+        if "bcp_stage1_epochs" in r:
+            arm += (f", stage 1: {r['bcp_stage1_epochs']} epochs ({r['bcp_pretrain_epochs']} or more, until every "
+                    f"class has validation Dice ≥ {r['bcp_pretrain_min_dice']})")
+        elif "bcp_pretrain_epochs" in r:
+            arm += f", stage 1: {r['bcp_pretrain_epochs']} epochs (fixed)"
         lines.append(f"| {arm} | {r['k']} | {r['dice_per_class']['1']:.4f} | "
                      f"{r['dice_per_class']['2']:.4f} | {r['dice_mean']:.4f} | {r['iterations']} | "
                      f"{r['train_seconds'] / 60:.0f} min ({r['device']}) | {r['seed']} |")

@@ -279,6 +279,34 @@ def test_a_teacher_that_misses_classes_is_reported(trainer):
     assert "no voxel of class [2]" in open(trainer.log_file).read()
 
 
+def test_stage_one_goes_on_while_the_student_misses_a_class(trainer):
+    assert trainer.max_pretrain_epochs() == 500  # default: half of nnU-Net's 1000 epochs
+    trainer.bcp_pretrain_epochs, trainer.bcp_max_pretrain_epochs = 4, 6
+
+    def validated(dice_per_class):  # what nnU-Net logs after an epoch's validation
+        trainer.logger.log('dice_per_class_or_region', dice_per_class, len(trainer.logger.get_value(
+            'dice_per_class_or_region', step=None)))
+
+    trainer.current_epoch = 3
+    validated([0.8, 0.7])
+    assert not trainer.start_stage_two_now()  # before bcp_pretrain_epochs
+    trainer.current_epoch = 4
+    validated([0.6, 0.0001])
+    assert not trainer.start_stage_two_now()
+    assert "stage 1 goes on" in open(trainer.log_file).read() and "bcp_pretrain_min_dice=0.1 for [2]" in \
+        open(trainer.log_file).read()
+    validated([0.6, float("nan")])  # class 2 not in the validation patches: nothing to judge
+    assert trainer.start_stage_two_now()
+    validated([0.6, 0.3])
+    assert trainer.start_stage_two_now()
+    trainer.current_epoch = 6
+    validated([0.0, 0.3])
+    assert trainer.start_stage_two_now()  # the cap
+    assert "WARNING: stage 2 starts at bcp_max_pretrain_epochs=6" in open(trainer.log_file).read()
+    trainer.current_epoch, trainer.bcp_pretrain_min_dice = 4, 0  # switched off
+    assert trainer.start_stage_two_now()
+
+
 def test_checkpoint_from_another_trainer_or_plan_is_refused(trainer, tmp_path):
     path = str(tmp_path / "ckpt.pth")
     trainer.save_checkpoint(path)

@@ -28,6 +28,11 @@ from nnunetv2_bcp.unlabeled.raw import UNLABELED_FOLDER, UnlabeledDataError, fin
 # Share of the schedule spent in stage 1. The reference code pre-trains 10k of 40k iterations on ACDC (25%) and
 # 2k of 17k on LA (12%); 20% of nnU-Net's 1000 epochs (200) lies between the two.
 PRETRAIN_FRACTION = 0.2
+# Stage 1 goes on past bcp_pretrain_epochs while the student's validation pseudo Dice of some class is below this,
+# up to this share of the schedule: a teacher that cannot see a class teaches the student to miss it (measured in
+# the label-scarce benchmark: with K=4 and 8 of 40 epochs of stage 1 the posterior hippocampus was never learnt).
+PRETRAIN_MIN_DICE = 0.1
+MAX_PRETRAIN_FRACTION = 0.5
 
 
 def default_pretrain_epochs(num_epochs: int) -> int:
@@ -68,7 +73,9 @@ class nnUNetTrainerLabelSubset(LabelSubsetMixin, nnUNetTrainer):
 class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
     """BCP semi-supervised training. Knobs (override in a subclass, nnU-Net's way):
 
-    ``bcp_pretrain_epochs`` (stage 1 length), ``bcp_alpha`` (weight of unlabeled-origin voxels, 0.5),
+    ``bcp_pretrain_epochs`` (stage 1 length), ``bcp_pretrain_min_dice`` and ``bcp_max_pretrain_epochs`` (stage 1 goes
+    on, up to the latter, while the student's validation pseudo Dice of a class is below the former; 0 turns this
+    off), ``bcp_alpha`` (weight of unlabeled-origin voxels, 0.5),
     ``bcp_ema_decay`` (λ, 0.99), ``bcp_mask_ratio`` (β, 2/3), ``bcp_largest_component`` (filter pseudo-labels),
     plus nnU-Net's ``num_epochs``, ``num_iterations_per_epoch``, ``num_val_iterations_per_epoch``.
     """
@@ -77,6 +84,8 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.bcp_pretrain_epochs = default_pretrain_epochs(self.num_epochs)
+        self.bcp_pretrain_min_dice = PRETRAIN_MIN_DICE
+        self.bcp_max_pretrain_epochs = None  # None: half of num_epochs (as set by the time training starts)
         self.bcp_alpha = 0.5
         self.bcp_ema_decay = 0.99
         self.bcp_mask_ratio = 2 / 3
@@ -91,7 +100,8 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
 
     # ------------------------------------------------------------------ set-up
     def bcp_settings(self) -> dict:
-        return {"bcp_pretrain_epochs": self.bcp_pretrain_epochs, "bcp_alpha": self.bcp_alpha,
+        return {"bcp_pretrain_epochs": self.bcp_pretrain_epochs, "bcp_pretrain_min_dice": self.bcp_pretrain_min_dice,
+                "bcp_max_pretrain_epochs": self.max_pretrain_epochs(), "bcp_alpha": self.bcp_alpha,
                 "bcp_ema_decay": self.bcp_ema_decay, "bcp_mask_ratio": self.bcp_mask_ratio,
                 "bcp_largest_component": self.bcp_largest_component, "num_epochs": self.num_epochs,
                 "num_iterations_per_epoch": self.num_iterations_per_epoch,
@@ -187,11 +197,46 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
 
     # ------------------------------------------------------------------ training
     def in_stage_two(self) -> bool:
-        return self.current_epoch >= self.bcp_pretrain_epochs
+        return self.bcp_teacher_initialized
+
+    def max_pretrain_epochs(self) -> int:
+        if self.bcp_max_pretrain_epochs is not None:
+            return self.bcp_max_pretrain_epochs
+        return max(self.bcp_pretrain_epochs, int(round(MAX_PRETRAIN_FRACTION * self.num_epochs)))
+
+    def classes_the_student_misses(self) -> list:
+        """Classes (regions) whose validation pseudo Dice in the last epoch is below ``bcp_pretrain_min_dice``
+        (NaN, a class absent from the validation patches, does not count)."""
+        history = self.logger.get_value('dice_per_class_or_region', step=None)
+        if not history or not self.bcp_pretrain_min_dice:
+            return []
+        names = self.label_manager.foreground_regions if self.label_manager.has_regions \
+            else self.label_manager.foreground_labels
+        return [_plain(n) for n, d in zip(names, history[-1]) if d < self.bcp_pretrain_min_dice]
+
+    def start_stage_two_now(self) -> bool:
+        """From ``bcp_pretrain_epochs`` on, unless the student still misses a class (then stage 1 goes on, at most
+        until ``max_pretrain_epochs()``)."""
+        if self.current_epoch < self.bcp_pretrain_epochs:
+            return False
+        missing = self.classes_the_student_misses()
+        if not missing:
+            return True
+        dice = ", ".join(f"{d:.4f}" for d in self.logger.get_value('dice_per_class_or_region', step=None)[-1])
+        if self.current_epoch < self.max_pretrain_epochs():
+            self.print_to_log_file(
+                f"BCP: stage 1 goes on: the student's validation pseudo Dice per class is [{dice}], below "
+                f"bcp_pretrain_min_dice={self.bcp_pretrain_min_dice} for {missing}; a teacher made from it would label "
+                f"those as background (stage 2 starts by epoch {self.max_pretrain_epochs()} at the latest)")
+            return False
+        self.print_to_log_file(
+            f"WARNING: stage 2 starts at bcp_max_pretrain_epochs={self.max_pretrain_epochs()} although the student's "
+            f"validation pseudo Dice per class is [{dice}] ({missing} below {self.bcp_pretrain_min_dice})")
+        return True
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
-        if self.in_stage_two() and not self.bcp_teacher_initialized:
+        if not self.bcp_teacher_initialized and self.start_stage_two_now():
             # stage 1 -> 2: the pre-trained student initialises the teacher
             self.teacher.load_state_dict(unwrap_network(self.network).state_dict())
             self.bcp_teacher_initialized = True
@@ -339,8 +384,7 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
         learnt every class (examples/benchmark_label_scarce.py, K=2: no posterior pseudo-labels for 8 epochs)."""
         regions = self.label_manager.has_regions
         names = self.label_manager.foreground_regions if regions else self.label_manager.foreground_labels
-        missing = [tuple(int(i) for i in n) if isinstance(n, (list, tuple)) else int(n)
-                   for n, f in zip(names, pseudo_fg_fraction) if f == 0]
+        missing = [_plain(n) for n, f in zip(names, pseudo_fg_fraction) if f == 0]
         if missing:
             kind = ("region" if regions else "class") if len(missing) == 1 else ("regions" if regions else "classes")
             self.print_to_log_file(
@@ -380,6 +424,13 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
         self.teacher.load_state_dict(bcp['teacher_weights'])
         self.bcp_teacher_initialized = bcp['teacher_initialized']
         self.bcp_iteration = bcp['iteration']
+
+
+def _plain(label_or_region):
+    """A class label (int) or region (tuple of ints) without numpy types, for log messages."""
+    if isinstance(label_or_region, (list, tuple)):
+        return tuple(int(i) for i in label_or_region)
+    return int(label_or_region)
 
 
 def _as_list(x):
