@@ -61,7 +61,7 @@ def _gloo_trainer_class():
         def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cpu")):
             super().__init__(plans, configuration, fold, dataset_json, device)
             self.device, self.grad_scaler = torch.device("cpu"), None
-            self.num_epochs, self.bcp_pretrain_epochs = 3, 1
+            self.num_epochs, self.bcp_pretrain_epochs, self.bcp_max_pretrain_epochs = 3, 1, 1
             self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 2, 1
             self.unlabeled_seen = []
 

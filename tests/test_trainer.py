@@ -21,11 +21,12 @@ from nnunetv2_bcp.training.nnUNetTrainerBCP import nnUNetTrainerBCP
 
 
 class nnUNetTrainerBCP_test(nnUNetTrainerBCP):
-    """2 epochs of stage 1, 2 of stage 2, a checkpoint every epoch; stops after epoch BCP_TEST_STOP_AFTER_EPOCH."""
+    """2 epochs of stage 1, then stage 2, a checkpoint every epoch; stops after epoch BCP_TEST_STOP_AFTER_EPOCH."""
     def __init__(self, plans, configuration, fold, dataset_json, device=None):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = int(os.environ.get("BCP_TEST_EPOCHS", 4))
         self.bcp_pretrain_epochs = 2
+        self.bcp_max_pretrain_epochs = 2  # stage 2 from epoch 2 in any case (the stage-1 guard is tested in-process)
         self.num_iterations_per_epoch = 2
         self.num_val_iterations_per_epoch = 1
         self.save_every = 1
