@@ -196,6 +196,11 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
             shutdown_stream(self.dataloader_unlabeled)
 
     # ------------------------------------------------------------------ training
+    def _foreground_classes(self) -> list:
+        """The classes the per-class figures refer to: regions for region-based training, else labels."""
+        lm = self.label_manager
+        return lm.foreground_regions if lm.has_regions else lm.foreground_labels
+
     def in_stage_two(self) -> bool:
         return self.bcp_teacher_initialized
 
@@ -210,9 +215,7 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
         history = self.logger.get_value('dice_per_class_or_region', step=None)
         if not history or not self.bcp_pretrain_min_dice:
             return []
-        names = self.label_manager.foreground_regions if self.label_manager.has_regions \
-            else self.label_manager.foreground_labels
-        return [_plain(n) for n, d in zip(names, history[-1]) if d < self.bcp_pretrain_min_dice]
+        return [_plain(n) for n, d in zip(self._foreground_classes(), history[-1]) if d < self.bcp_pretrain_min_dice]
 
     def start_stage_two_now(self) -> bool:
         """From ``bcp_pretrain_epochs`` on, unless the student still misses a class (then stage 1 goes on, at most
@@ -330,8 +333,7 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
             raise FloatingPointError(f"{message}. {self.bcp_nonfinite_in_a_row} non-finite losses in a row: "
                                      f"stopping; check these cases and the learning rate")
         nan = float("nan")
-        classes = self.label_manager.foreground_regions if self.label_manager.has_regions \
-            else self.label_manager.foreground_labels
+        classes = self._foreground_classes()
         return {'loss': np.array(nan), 'bcp_loss_labeled': nan, 'bcp_loss_unlabeled': nan,
                 'bcp_pseudo_fg_fraction': np.full(len(classes), nan), 'bcp_agreement': nan}
 
@@ -383,8 +385,7 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
         which teaches the student to miss it. Seen on short schedules whose stage 1 ended before the student had
         learnt every class (examples/benchmark_label_scarce.py, K=2: no posterior pseudo-labels for 8 epochs)."""
         regions = self.label_manager.has_regions
-        names = self.label_manager.foreground_regions if regions else self.label_manager.foreground_labels
-        missing = [_plain(n) for n, f in zip(names, pseudo_fg_fraction) if f == 0]
+        missing = [_plain(n) for n, f in zip(self._foreground_classes(), pseudo_fg_fraction) if f == 0]
         if missing:
             kind = ("region" if regions else "class") if len(missing) == 1 else ("regions" if regions else "classes")
             self.print_to_log_file(
