@@ -209,23 +209,23 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
             return self.bcp_max_pretrain_epochs
         return max(self.bcp_pretrain_epochs, int(round(MAX_PRETRAIN_FRACTION * self.num_epochs)))
 
-    def classes_the_student_misses(self) -> list:
-        """Classes (regions) whose validation pseudo Dice in the last epoch is below ``bcp_pretrain_min_dice``
+    def classes_the_student_misses(self, dice_per_class: list) -> list:
+        """Classes (regions) whose validation pseudo Dice in ``dice_per_class`` is below ``bcp_pretrain_min_dice``
         (NaN, a class absent from the validation patches, does not count)."""
-        history = self.logger.get_value('dice_per_class_or_region', step=None)
-        if not history or not self.bcp_pretrain_min_dice:
+        if not self.bcp_pretrain_min_dice:
             return []
-        return [_plain(n) for n, d in zip(self._foreground_classes(), history[-1]) if d < self.bcp_pretrain_min_dice]
+        return [_plain(n) for n, d in zip(self._foreground_classes(), dice_per_class) if d < self.bcp_pretrain_min_dice]
 
     def start_stage_two_now(self) -> bool:
-        """From ``bcp_pretrain_epochs`` on, unless the student still misses a class (then stage 1 goes on, at most
-        until ``max_pretrain_epochs()``)."""
+        """From ``bcp_pretrain_epochs`` on, unless the student's last validation still misses a class (then stage 1
+        goes on, at most until ``max_pretrain_epochs()``)."""
         if self.current_epoch < self.bcp_pretrain_epochs:
             return False
-        missing = self.classes_the_student_misses()
+        history = self.logger.get_value('dice_per_class_or_region', step=None)
+        missing = self.classes_the_student_misses(history[-1]) if history else []
         if not missing:
             return True
-        dice = ", ".join(f"{d:.4f}" for d in self.logger.get_value('dice_per_class_or_region', step=None)[-1])
+        dice = ", ".join(f"{d:.4f}" for d in history[-1])
         if self.current_epoch < self.max_pretrain_epochs():
             self.print_to_log_file(
                 f"BCP: stage 1 goes on: the student's validation pseudo Dice per class is [{dice}], below "
