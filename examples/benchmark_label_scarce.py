@@ -11,8 +11,10 @@ all-labeled ceiling, with the same configuration, batch size and iteration budge
     python examples/benchmark_label_scarce.py table
     # per-epoch validation Dice and BCP pseudo-label figures of one run, from its log
     python examples/benchmark_label_scarce.py curves -w bench --run bcp_k2
-    # teacher and student of a kept BCP run scored on the unlabeled cases (their held-back labels)
+    # teacher and student of a kept BCP run scored on the unlabeled cases (their held-back labels); a labeled run's
+    # model on the same cases for reference
     python examples/benchmark_label_scarce.py pseudo -w bench --run bcp_k4
+    python examples/benchmark_label_scarce.py pseudo -w bench --run labeled_k4
 
 Arms: ``labeled`` = nnUNetTrainerLabelSubset (plain nnU-Net on the K cases of the label subset), ``bcp`` =
 nnUNetTrainerBCP (the same K cases labeled, the pool's other cases unlabeled through ``bcp_label_subset.json``),
@@ -34,6 +36,7 @@ from batchgenerators.utilities.file_and_folder_operations import isfile, join, l
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = join(HERE, "results", "hippocampus_label_scarce.jsonl")
+PSEUDO_RESULTS = join(HERE, "results", "hippocampus_pseudo_label_quality.jsonl")
 README = join(HERE, os.pardir, "README.md")
 TABLE_START, TABLE_END = "<!-- label-scarce-table:start -->", "<!-- label-scarce-table:end -->"
 DATASET_ID = 604
@@ -252,8 +255,9 @@ def curves(args):
 
 def pseudo(args):
     """How good are BCP's pseudo-labels? The benchmark's unlabeled cases have labels that training never reads: score
-    a kept run's EMA teacher and student on them (nnUNetv2_predict_from_modelfolder without test-time mirroring, as
-    the teacher labels patches in training), before and after the largest-component filter BCP applies."""
+    a kept BCP run's EMA teacher and student on them, or a labeled-only run's model for reference
+    (nnUNetv2_predict_from_modelfolder without test-time mirroring, as the teacher labels patches in training), before
+    and after the largest-component filter BCP applies."""
     import tempfile
     import SimpleITK as sitk
     import torch
@@ -274,12 +278,16 @@ def pseudo(args):
     for case in cases:
         os.symlink(join(folder, "imagesTr", f"{case}_0000{ending}"), join(images, f"{case}_0000{ending}"))
     labels = join(folder, "labelsTr")
-    result = {"run": args.run, "num_cases": len(cases)}
-    for which in ("teacher", "student"):
-        exported = join(args.work_dir, f"export_{args.run}_{which}")
-        shutil.rmtree(exported, ignore_errors=True)
-        sh(["nnUNetv2_bcp_export", "-i", model, "-o", exported, "-f", "0"] + (["--teacher"] if which == "teacher"
-                                                                               else []), env)
+    result = {"run": args.run, "num_cases": len(cases), "seed": args.seed, "device": args.device,
+              "date": time.strftime("%Y-%m-%d")}
+    # a BCP run: its teacher and student; any other run (e.g. labeled_k4): its model, as the reference
+    bcp_run = isfile(join(model, "fold_0", "bcp_settings.json"))
+    for which in ("teacher", "student") if bcp_run else ("model",):
+        exported = join(args.work_dir, f"export_{args.run}_{which}") if bcp_run else model
+        if bcp_run:
+            shutil.rmtree(exported, ignore_errors=True)
+            sh(["nnUNetv2_bcp_export", "-i", model, "-o", exported, "-f", "0"] + (["--teacher"] if which == "teacher"
+                                                                                   else []), env)
         pred = join(args.work_dir, f"pseudo_{args.run}_{which}")
         shutil.rmtree(pred, ignore_errors=True)
         sh(["nnUNetv2_predict_from_modelfolder", "-i", images, "-o", pred, "-m", exported, "-f", "0",
@@ -299,7 +307,7 @@ def pseudo(args):
                             "dice_mean": round(metrics["foreground_mean"]["Dice"], 4)}
     shutil.rmtree(images)
     print(json.dumps(result, indent=1))
-    with open(join(args.work_dir, "pseudo_label_quality.jsonl"), "a") as f:
+    with open(PSEUDO_RESULTS, "a") as f:
         f.write(json.dumps(result) + "\n")
 
 
@@ -323,7 +331,7 @@ def main():
     c = sub.add_parser("curves")
     c.add_argument("--run", required=True, help="a run name, e.g. bcp_k2 or labeled_k4 (its log in the work dir)")
     u = sub.add_parser("pseudo")
-    u.add_argument("--run", required=True, help="a kept BCP run, e.g. bcp_k4 (its model in <work>/models)")
+    u.add_argument("--run", required=True, help="a kept run, e.g. bcp_k4 or labeled_k4 (its model in <work>/models)")
     u.add_argument("--device", default="cpu")
     u.add_argument("--num-cases", type=int, default=60, help="score the first N unlabeled cases (sorted)")
     for q in (p, r, t, c, u):
