@@ -66,6 +66,7 @@ class BenchBCP(nnUNetTrainerBCP):
         _schedule(self)
         self.bcp_pretrain_epochs = int(os.environ.get("BENCH_BCP_PRETRAIN_EPOCHS",
                                                       default_pretrain_epochs(self.num_epochs)))
+        self.bcp_alpha = float(os.environ.get("BENCH_BCP_ALPHA", self.bcp_alpha))
 
 
 class BenchCeiling(nnUNetTrainer):
@@ -164,6 +165,9 @@ def run(args):
         env["BENCH_BCP_PRETRAIN_EPOCHS"] = str(pretrain_epochs)
         if args.bcp_pretrain_epochs is not None:
             run_name += f"_pretrain{pretrain_epochs}"
+        if args.bcp_alpha is not None:
+            env["BENCH_BCP_ALPHA"] = str(args.bcp_alpha)
+            run_name += f"_alpha{args.bcp_alpha:g}"
     log = join(args.work_dir, f"{run_name}.log")
     results_folder = join(env["nnUNet_results"], os.path.basename(folder), f"{trainer}__{PLANS}__3d_fullres")
     shutil.rmtree(results_folder, ignore_errors=True)  # each arm from scratch
@@ -188,6 +192,7 @@ def run(args):
     if pretrain_epochs is not None:
         result["bcp_pretrain_epochs"] = pretrain_epochs
         settings = load_json(join(results_folder, "fold_0", "bcp_settings.json"))
+        result["bcp_alpha"] = settings["bcp_alpha"]
         if "bcp_pretrain_min_dice" in settings:  # stage 1 may go on while the student misses a class
             result["bcp_pretrain_min_dice"] = settings["bcp_pretrain_min_dice"]
             progress = load_json(join(results_folder, "fold_0", "bcp_progress.json"))
@@ -216,6 +221,8 @@ def table(args):
                     f"class has validation Dice ≥ {r['bcp_pretrain_min_dice']})")
         elif "bcp_pretrain_epochs" in r:
             arm += f", stage 1: {r['bcp_pretrain_epochs']} epochs (fixed)"
+        if r.get("bcp_alpha", 0.5) != 0.5:
+            arm += f", α = {r['bcp_alpha']:g}"
         lines.append(f"| {arm} | {r['k']} | {r['dice_per_class']['1']:.4f} | "
                      f"{r['dice_per_class']['2']:.4f} | {r['dice_mean']:.4f} | {r['iterations']} | "
                      f"{r['train_seconds'] / 60:.0f} min ({r['device']}) | {r['seed']} |")
@@ -325,6 +332,8 @@ def main():
     r.add_argument("--device", default="cpu")
     r.add_argument("--bcp-pretrain-epochs", type=int, default=None,
                    help="bcp arm: stage-1 epochs (default: nnUNetTrainerBCP's 20%% of the epochs)")
+    r.add_argument("--bcp-alpha", type=float, default=None,
+                   help="bcp arm: weight of the unlabeled-origin loss (default: nnUNetTrainerBCP's 0.5)")
     r.add_argument("--test-images", default=None)
     r.add_argument("--test-labels", default=None)
     t = sub.add_parser("table")
