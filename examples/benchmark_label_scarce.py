@@ -255,9 +255,13 @@ def curves(args):
                             r"([\d.]+)", line):
             rows[epoch]["pseudo_fg"] = [float(v) for v in m.group(1).split(",")]
             rows[epoch]["agreement"] = float(m.group(2))
-    print("epoch | stage | val pseudo Dice per class | teacher pseudo-label foreground per class | agreement")
+            if m := re.search(r"foreground fraction in the labeled patches \[(.*)\]", line):  # absent from older logs
+                rows[epoch]["labeled_fg"] = [float(v) for v in m.group(1).split(",")]
+    print("epoch | stage | val pseudo Dice per class | teacher pseudo-label foreground per class | agreement | "
+          "labeled-patch foreground per class")
     for e, r in sorted(rows.items()):
-        print(f"{e:5d} | {r['stage']:5s} | {r.get('dice', '')} | {r.get('pseudo_fg', '')} | {r.get('agreement', '')}")
+        print(f"{e:5d} | {r['stage']:5s} | {r.get('dice', '')} | {r.get('pseudo_fg', '')} | {r.get('agreement', '')} | "
+              f"{r.get('labeled_fg', '')}")
 
 
 def pseudo(args):

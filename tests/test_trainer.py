@@ -271,13 +271,23 @@ def test_a_teacher_that_misses_classes_is_reported(trainer):
         seg_layer.bias.copy_(torch.tensor([10.0, -10.0, -10.0]))
     out = trainer.stage_two_step(*_batches(trainer, 0))
     assert out["bcp_pseudo_fg_fraction"].tolist() == [0.0, 0.0]
+    # _batches' labels are uniform over {0, 1, 2}: each class holds about a third of the labeled voxels
+    assert np.allclose(out["bcp_labeled_fg_fraction"], 1 / 3, atol=0.02)
     trainer.on_train_epoch_end([out])
     log = open(trainer.log_file).read()
-    assert "the teacher labelled no voxel of classes [1, 2]" in log and "raise bcp_pretrain_epochs" in log
+    assert "the teacher's pseudo-labels hold classes [1, 2] on [0.0, 0.0] of the unlabeled voxels" in log
+    assert "raise bcp_pretrain_epochs" in log
     with torch.no_grad():
         seg_layer.bias.copy_(torch.tensor([-10.0, 10.0, -10.0]))  # only class 1
     trainer.on_train_epoch_end([trainer.stage_two_step(*_batches(trainer, 1))])
-    assert "no voxel of class [2]" in open(trainer.log_file).read()
+    assert "hold class [2] on [0.0]" in open(trainer.log_file).read()
+    # rare, not absent: judged against the labeled share (warned below a quarter of it, not at or above)
+    trainer._warn_if_teacher_misses_classes([0.3, 0.05], [0.33, 0.33])
+    assert "hold class [2] on [0.05] of the unlabeled voxels against [0.33]" in open(trainer.log_file).read()
+    before = open(trainer.log_file).read()
+    trainer._warn_if_teacher_misses_classes([0.3, 0.09], [0.33, 0.33])
+    trainer._warn_if_teacher_misses_classes([0.3, 0.0], [0.33, 0.0])  # class 2 not in the labeled patches
+    assert open(trainer.log_file).read() == before
 
 
 def test_stage_one_goes_on_while_the_student_misses_a_class(trainer):

@@ -33,6 +33,8 @@ PRETRAIN_FRACTION = 0.2
 # the label-scarce benchmark: with K=4 and 8 of 40 epochs of stage 1 the posterior hippocampus was never learnt).
 PRETRAIN_MIN_DICE = 0.1
 MAX_PRETRAIN_FRACTION = 0.5
+# warn when the teacher's pseudo-labels hold a class on less than this share of its frequency in the labeled patches
+LOW_PSEUDO_LABEL_SHARE = 0.25
 
 
 def default_pretrain_epochs(num_epochs: int) -> int:
@@ -319,7 +321,7 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
         ema_update_(self.teacher, self.network, self.bcp_ema_decay)
         self.bcp_iteration += 1
         return {'loss': loss.detach().cpu().numpy(), **self._stage_two_figures(outputs[0], mixed_targets[0],
-                                                                                  masks[0], pseudo, terms)}
+                                                                                  masks[0], pseudo, targets[0], terms)}
 
     def _skip_nonfinite_step(self, loss: torch.Tensor, batch: dict, unlabeled_batch: dict) -> dict:
         """No optimizer step and no EMA update on a non-finite loss (the teacher stays clean); name the cases.
@@ -335,32 +337,39 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
         nan = float("nan")
         classes = self._foreground_classes()
         return {'loss': np.array(nan), 'bcp_loss_labeled': nan, 'bcp_loss_unlabeled': nan,
-                'bcp_pseudo_fg_fraction': np.full(len(classes), nan), 'bcp_agreement': nan}
+                'bcp_pseudo_fg_fraction': np.full(len(classes), nan), 'bcp_agreement': nan,
+                'bcp_labeled_fg_fraction': np.full(len(classes), nan)}
 
     @torch.no_grad()
-    def _stage_two_figures(self, logits, mixed_target, from_labeled, pseudo, terms) -> dict:
-        """Per-step figures for the log: both loss terms, pseudo-label foreground fraction per class/region,
-        student-teacher agreement on the unlabeled-origin voxels of the mixed images."""
+    def _stage_two_figures(self, logits, mixed_target, from_labeled, pseudo, labeled_target, terms) -> dict:
+        """Per-step figures for the log: both loss terms, foreground fraction per class/region in the teacher's
+        pseudo-labels and in the labeled patches' targets, student-teacher agreement on the unlabeled-origin voxels
+        of the mixed images."""
         regions = self.label_manager.has_regions
         student = pseudo_labels(logits.float(), region_based=regions)
         if regions:
             num_regions = student.shape[1]
             fg_fraction = pseudo[:, :num_regions].float().mean(dim=(0, *range(2, pseudo.ndim)))
+            labeled_fraction = labeled_target[:, :num_regions].float().mean(dim=(0, *range(2, pseudo.ndim)))
             agree = (student == mixed_target[:, :num_regions].bool()).all(1, keepdim=True)
         else:
             fg_fraction = torch.stack([(pseudo == c).float().mean() for c in self.label_manager.foreground_labels])
+            labeled_fraction = torch.stack([(labeled_target == c).float().mean()
+                                            for c in self.label_manager.foreground_labels])
             agree = student == mixed_target
         unlabeled_voxels = ~from_labeled
         agreement = (agree & unlabeled_voxels).sum() / unlabeled_voxels.sum().clamp_min(1)
         return {'bcp_loss_labeled': terms[0].item(), 'bcp_loss_unlabeled': terms[1].item(),
-                'bcp_pseudo_fg_fraction': fg_fraction.cpu().numpy(), 'bcp_agreement': agreement.item()}
+                'bcp_pseudo_fg_fraction': fg_fraction.cpu().numpy(), 'bcp_agreement': agreement.item(),
+                'bcp_labeled_fg_fraction': labeled_fraction.cpu().numpy()}
 
     def on_train_epoch_end(self, train_outputs: List[dict]):
         super().on_train_epoch_end(train_outputs)
         if not self.in_stage_two() or 'bcp_agreement' not in train_outputs[0]:
             return
         figures = {k: np.nanmean(np.stack([o[k] for o in train_outputs]), axis=0).tolist()
-                   for k in ('bcp_loss_labeled', 'bcp_loss_unlabeled', 'bcp_pseudo_fg_fraction', 'bcp_agreement')}
+                   for k in ('bcp_loss_labeled', 'bcp_loss_unlabeled', 'bcp_pseudo_fg_fraction', 'bcp_agreement',
+                             'bcp_labeled_fg_fraction')}
         if self.is_ddp:
             import torch.distributed as dist
             gathered = [None] * dist.get_world_size()
@@ -371,8 +380,9 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
             f"{figures['bcp_loss_unlabeled']:.4f}; pseudo-label foreground fraction per "
             f"{'region' if self.label_manager.has_regions else 'class'} "
             f"{np.round(figures['bcp_pseudo_fg_fraction'], 4).tolist()}; "
-            f"student-teacher agreement on unlabeled voxels {figures['bcp_agreement']:.4f}")
-        self._warn_if_teacher_misses_classes(figures['bcp_pseudo_fg_fraction'])
+            f"student-teacher agreement on unlabeled voxels {figures['bcp_agreement']:.4f}; foreground fraction in "
+            f"the labeled patches {np.round(figures['bcp_labeled_fg_fraction'], 4).tolist()}")
+        self._warn_if_teacher_misses_classes(figures['bcp_pseudo_fg_fraction'], figures['bcp_labeled_fg_fraction'])
         if self.local_rank == 0:
             history_file = join(self.output_folder, "bcp_progress.json")
             history = load_json(history_file) if isfile(history_file) else []
@@ -380,18 +390,26 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
                 {"epoch": self.current_epoch, **figures}]
             save_json(history, history_file, sort_keys=False)
 
-    def _warn_if_teacher_misses_classes(self, pseudo_fg_fraction: List[float]) -> None:
-        """A teacher that labels no voxel of a class gives that class only background on unlabeled-origin voxels,
-        which teaches the student to miss it. Seen on short schedules whose stage 1 ended before the student had
-        learnt every class (examples/benchmark_label_scarce.py, K=2: no posterior pseudo-labels for 8 epochs)."""
-        regions = self.label_manager.has_regions
-        missing = [_plain(n) for n, f in zip(self._foreground_classes(), pseudo_fg_fraction) if f == 0]
-        if missing:
-            kind = ("region" if regions else "class") if len(missing) == 1 else ("regions" if regions else "classes")
+    def _warn_if_teacher_misses_classes(self, pseudo_fg_fraction: List[float],
+                                        labeled_fg_fraction: List[float]) -> None:
+        """A teacher that (almost) never labels a class gives that class mostly background on unlabeled-origin
+        voxels, which teaches the student to miss it. Seen on short schedules whose stage 1 ended before the student
+        had learnt every class (examples/benchmark_label_scarce.py: K=4, no posterior pseudo-label for 26 epochs;
+        K=2, anterior pseudo-labels on 0.002-0.005 of the voxels for 5 epochs, about 0.02 once learnt). Judged
+        against the class's share in the labeled patches of the same epoch; a class absent from those is not
+        judged."""
+        rare = [(_plain(n), p, q) for n, p, q in zip(self._foreground_classes(), pseudo_fg_fraction,
+                                                     labeled_fg_fraction) if p < LOW_PSEUDO_LABEL_SHARE * q]
+        if rare:
+            regions = self.label_manager.has_regions
+            kind = ("region" if regions else "class") if len(rare) == 1 else ("regions" if regions else "classes")
             self.print_to_log_file(
-                f"WARNING: the teacher labelled no voxel of {kind} {missing} in this epoch's unlabeled patches, so "
-                f"they are trained as background there. If this lasts more than a few epochs, stage 1 was too short "
-                f"for the teacher to learn them: raise bcp_pretrain_epochs (now {self.bcp_pretrain_epochs}).")
+                f"WARNING: the teacher's pseudo-labels hold {kind} {[n for n, _, _ in rare]} on "
+                f"{[round(p, 4) for _, p, _ in rare]} of the unlabeled voxels against "
+                f"{[round(q, 4) for _, _, q in rare]} in the labeled patches (less than {LOW_PSEUDO_LABEL_SHARE:g} "
+                f"of it), so they are mostly trained as background there. If this lasts more than a few epochs, "
+                f"stage 1 was too short for the teacher to learn them: raise bcp_pretrain_epochs "
+                f"(now {self.bcp_pretrain_epochs}) or bcp_pretrain_min_dice (now {self.bcp_pretrain_min_dice}).")
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, filename: str) -> None:
