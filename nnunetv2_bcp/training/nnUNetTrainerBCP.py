@@ -348,20 +348,24 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
         regions = self.label_manager.has_regions
         student = pseudo_labels(logits.float(), region_based=regions)
         if regions:
-            num_regions = student.shape[1]
-            fg_fraction = pseudo[:, :num_regions].float().mean(dim=(0, *range(2, pseudo.ndim)))
-            labeled_fraction = labeled_target[:, :num_regions].float().mean(dim=(0, *range(2, pseudo.ndim)))
-            agree = (student == mixed_target[:, :num_regions].bool()).all(1, keepdim=True)
+            agree = (student == mixed_target[:, :student.shape[1]].bool()).all(1, keepdim=True)
         else:
-            fg_fraction = torch.stack([(pseudo == c).float().mean() for c in self.label_manager.foreground_labels])
-            labeled_fraction = torch.stack([(labeled_target == c).float().mean()
-                                            for c in self.label_manager.foreground_labels])
             agree = student == mixed_target
         unlabeled_voxels = ~from_labeled
         agreement = (agree & unlabeled_voxels).sum() / unlabeled_voxels.sum().clamp_min(1)
         return {'bcp_loss_labeled': terms[0].item(), 'bcp_loss_unlabeled': terms[1].item(),
-                'bcp_pseudo_fg_fraction': fg_fraction.cpu().numpy(), 'bcp_agreement': agreement.item(),
-                'bcp_labeled_fg_fraction': labeled_fraction.cpu().numpy()}
+                'bcp_pseudo_fg_fraction': self._foreground_fractions(pseudo), 'bcp_agreement': agreement.item(),
+                'bcp_labeled_fg_fraction': self._foreground_fractions(labeled_target)}
+
+    def _foreground_fractions(self, segmentation: torch.Tensor) -> np.ndarray:
+        """Share of the voxels per foreground class (label map) or region (one-hot channels, any extra channel
+        after the regions ignored)."""
+        if self.label_manager.has_regions:
+            num_regions = len(self.label_manager.foreground_regions)
+            fractions = segmentation[:, :num_regions].float().mean(dim=(0, *range(2, segmentation.ndim)))
+        else:
+            fractions = torch.stack([(segmentation == c).float().mean() for c in self.label_manager.foreground_labels])
+        return fractions.cpu().numpy()
 
     def on_train_epoch_end(self, train_outputs: List[dict]):
         super().on_train_epoch_end(train_outputs)
