@@ -2,34 +2,51 @@
 all-labeled ceiling, with the same configuration, batch size and iteration budget.
 
     # once: convert the MSD task, set a seeded test split aside, plan and preprocess, add a batch-size-2 plans variant
+    # (--reader NibabelIO where SimpleITK is missing)
     python examples/benchmark_label_scarce.py prepare --msd ../shared/data/Task04_Hippocampus -w bench
-    # each arm on its own (appends one line to the results file)
-    python examples/benchmark_label_scarce.py run -w bench --arm labeled -k 2
-    python examples/benchmark_label_scarce.py run -w bench --arm bcp -k 2
-    python examples/benchmark_label_scarce.py run -w bench --arm ceiling
-    # the README table from the results file
+    # the protocol: per label-subset seed, the labeled-only model L (trained if missing), then from L for N more
+    # iterations (a) labeled-only continued and (b) BCP stage 2 continued; each result is appended as it lands
+    python examples/benchmark_label_scarce.py protocol -w bench --seeds 0 1 2 -k 2 --iterations 1000 --jobs 1
+    python examples/benchmark_label_scarce.py protocol -w bench --seeds 0 1 2 -k 2 --bcp bcp_alpha=0.3  # a candidate
+    # one arm on its own (appends one line to the results file)
+    python examples/benchmark_label_scarce.py run -w bench --arm labeled -k 2 --seed 0
+    python examples/benchmark_label_scarce.py run -w bench --arm bcp_continue -k 2 --seed 0 --iterations 1000
+    python examples/benchmark_label_scarce.py run -w bench --arm ceiling --iterations 2000
+    # the tables (paired comparison per seed, every run) in docs/benchmarks.md, and the label-efficiency figure
     python examples/benchmark_label_scarce.py table
+    python examples/benchmark_label_scarce.py figure
     # per-epoch validation Dice and BCP pseudo-label figures of one run, from its log
-    python examples/benchmark_label_scarce.py curves -w bench --run bcp_k2
+    python examples/benchmark_label_scarce.py curves -w bench --run bcp_continue_k2_s0
     # teacher and student of a kept BCP run scored on the unlabeled cases (their held-back labels); a labeled run's
     # model on the same cases for reference
-    python examples/benchmark_label_scarce.py pseudo -w bench --run bcp_k4
-    python examples/benchmark_label_scarce.py pseudo -w bench --run labeled_k4
+    python examples/benchmark_label_scarce.py pseudo -w bench --run bcp_continue_k2_s0
+    python examples/benchmark_label_scarce.py pseudo -w bench --run labeled_k2_s0
 
-Arms: ``labeled`` = nnUNetTrainerLabelSubset (plain nnU-Net on the K cases of the label subset), ``bcp`` =
-nnUNetTrainerBCP (the same K cases labeled, the pool's other cases unlabeled through ``bcp_label_subset.json``),
-``ceiling`` = nnUNetTrainer on every pool case. All: ``3d_fullres``, plans ``nnUNetPlans_bs2`` (nnU-Net's plans with
-batch size 2), ``--iterations`` iterations (default 1000 = 40 epochs x 25), fold 0 of a split whose validation cases
-(10) are never trained on, test cases never used in training. Dice by nnU-Net's evaluation of nnUNetv2_predict's
-output on the test split (``--test-images/--test-labels`` to use another labeled folder).
+Arms: ``labeled`` = nnUNetTrainerLabelSubset (plain nnU-Net on the K cases of the label subset of ``--seed``),
+``bcp`` = nnUNetTrainerBCP from scratch (the same K cases labeled, the pool's other cases unlabeled),
+``ceiling`` = nnUNetTrainer on every pool case; ``labeled_continue`` and ``bcp_continue`` start from all weights of
+a kept model (``--from``, default the seed's ``labeled_k<K>_s<S>``, trained first if missing) through
+``nnUNetv2_bcp_start_from_model`` and train ``--iterations`` more (nnU-Net's poly learning rate restarted; BCP in
+stage 2 from the first epoch, teacher = the model). All: ``3d_fullres``, plans ``nnUNetPlans_bs2`` (nnU-Net's plans
+with batch size 2), 25 iterations per epoch, fold 0 of a split whose validation cases (10) are never trained on, test
+cases never used in training. Dice by nnU-Net's evaluation of nnUNetv2_predict's output on the test split
+(``--test-images/--test-labels`` to use another labeled folder); rows keep the Dice of every test case.
+
+Run names: ``<arm>_k<K>_s<seed>`` plus ``_it<N>`` when N is not 1000, ``_from-<run>`` for a non-default ``--from``
+and the ``--bcp`` settings (``_<name>=<value>``, ``bcp_`` dropped). Each run trains in ``<work>/runs/<run>`` with its
+own ``nnUNet_results`` and its own ``nnUNet_preprocessed`` dataset folder (links to the shared preprocessed files, its
+own ``bcp_label_subset.json``), so runs of different seeds or arms can train at the same time; its log is
+``<work>/<run>.log``, its model is kept in ``<work>/models/<run>``.
 """
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json, maybe_mkdir_p, save_json
@@ -37,11 +54,14 @@ from batchgenerators.utilities.file_and_folder_operations import isfile, join, l
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = join(HERE, "results", "hippocampus_label_scarce.jsonl")
 PSEUDO_RESULTS = join(HERE, "results", "hippocampus_pseudo_label_quality.jsonl")
-README = join(HERE, os.pardir, "README.md")
+DOCS = join(HERE, os.pardir, "docs", "benchmarks.md")
+FIGURE = join(HERE, os.pardir, "docs", "figures", "label_efficiency.png")
 TABLE_START, TABLE_END = "<!-- label-scarce-table:start -->", "<!-- label-scarce-table:end -->"
 DATASET_ID = 604
 PLANS = "nnUNetPlans_bs2"
+DEFAULT_ITERATIONS = 1000
 TRAINERS = '''
+import json
 import os
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -54,27 +74,40 @@ def _schedule(t):
     t.num_val_iterations_per_epoch = 5
 
 
+def _settings(t):
+    """The benchmark's --bcp NAME=VALUE settings: trainer attributes, set after the trainer's own defaults."""
+    for name, value in json.loads(os.environ.get("BENCH_SETTINGS", "{}")).items():
+        if not hasattr(t, name):
+            raise AttributeError(f"{type(t).__name__} has no attribute {name!r} to set (--bcp {name}=...)")
+        setattr(t, name, value)
+
+
 class BenchLabeled(nnUNetTrainerLabelSubset):
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         _schedule(self)
+        _settings(self)
 
 
 class BenchBCP(nnUNetTrainerBCP):
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         _schedule(self)
-        self.bcp_pretrain_epochs = int(os.environ.get("BENCH_BCP_PRETRAIN_EPOCHS",
-                                                      default_pretrain_epochs(self.num_epochs)))
-        self.bcp_alpha = float(os.environ.get("BENCH_BCP_ALPHA", self.bcp_alpha))
+        # continued from a trained model: no stage 1
+        self.bcp_pretrain_epochs = 0 if os.environ.get("BENCH_CONTINUE") else default_pretrain_epochs(self.num_epochs)
+        _settings(self)
 
 
 class BenchCeiling(nnUNetTrainer):
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         _schedule(self)
+        _settings(self)
 '''
-ARM_TRAINERS = {"labeled": "BenchLabeled", "bcp": "BenchBCP", "ceiling": "BenchCeiling"}
+ARM_TRAINERS = {"labeled": "BenchLabeled", "bcp": "BenchBCP", "ceiling": "BenchCeiling",
+                "labeled_continue": "BenchLabeled", "bcp_continue": "BenchBCP"}
+CONTINUE_ARMS = ("labeled_continue", "bcp_continue")
+BCP_ARMS = ("bcp", "bcp_continue")
 
 
 def environment(work: str) -> dict:
@@ -84,8 +117,12 @@ def environment(work: str) -> dict:
         env[name] = join(work, name)
         maybe_mkdir_p(env[name])
     maybe_mkdir_p(join(work, "ext"))
-    with open(join(work, "ext", "bcp_benchmark_trainers.py"), "w") as f:
-        f.write(TRAINERS)
+    trainers = join(work, "ext", "bcp_benchmark_trainers.py")
+    if not isfile(trainers) or open(trainers).read() != TRAINERS:
+        tmp = f"{trainers}.tmp{os.getpid()}"  # runs start in parallel: never let one import a half-written file
+        with open(tmp, "w") as f:
+            f.write(TRAINERS)
+        os.replace(tmp, trainers)
     env["nnUNet_extTrainer"] = os.pathsep.join([nnunetv2_bcp.ext_trainer_dir(), join(work, "ext")])
     env.setdefault("nnUNet_def_n_proc", "2")
     env.setdefault("nnUNet_n_proc_DA", "2")
@@ -105,6 +142,109 @@ def dataset_folder(env) -> str:
     return [join(env["nnUNet_raw"], d) for d in os.listdir(env["nnUNet_raw"]) if d.startswith(f"Dataset{DATASET_ID}_")][0]
 
 
+# ---------------------------------------------------------------------------------------------- run names, settings
+def parse_settings(items) -> dict:
+    """``["bcp_alpha=0.3", "bcp_teacher_weak_view=true"]`` -> ``{"bcp_alpha": 0.3, "bcp_teacher_weak_view": True}``
+    (values are JSON; a value that is not JSON is taken as a string)."""
+    settings = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name.isidentifier():
+            raise SystemExit(f"--bcp {item!r}: expected NAME=VALUE, e.g. bcp_labeled_loss_weight=1.0")
+        try:
+            settings[name] = json.loads(value)
+        except ValueError:
+            settings[name] = value
+    return settings
+
+
+def settings_suffix(settings: dict) -> str:
+    """``_alpha=0.3_teacher_weak_view=true``: the settings in a run name, sorted, ``bcp_`` dropped."""
+    parts = []
+    for name in sorted(settings):
+        value = settings[name]
+        shown = value if isinstance(value, str) else json.dumps(value).replace(" ", "")
+        parts.append(f"{name[4:] if name.startswith('bcp_') else name}={shown}")
+    return "".join("_" + p for p in parts)
+
+
+def labeled_run_name(k: int, seed: int, iterations: int = DEFAULT_ITERATIONS) -> str:
+    """The labeled-only model L of a seed: what the continuation arms start from by default."""
+    return run_name("labeled", k, seed, iterations)
+
+
+def run_name(arm: str, k: int, seed: int, iterations: int = DEFAULT_ITERATIONS, settings: dict = None,
+             from_run: str = None) -> str:
+    name = f"{arm}_k{k}_s{seed}"
+    if iterations != DEFAULT_ITERATIONS:
+        name += f"_it{iterations}"
+    if from_run is not None and from_run != labeled_run_name(k, seed):
+        name += f"_from-{from_run}"
+    return name + settings_suffix(settings or {})
+
+
+def parse_run_name(name: str) -> dict:
+    """``k`` and ``seed`` of a run name (``seed`` None for the earlier names without one, e.g. ``bcp_k4``)."""
+    m = re.search(r"_k(\d+)(?:_s(\d+))?", name)
+    if m is None:
+        raise SystemExit(f"{name}: not a run name of this benchmark (<arm>_k<K>_s<seed>...)")
+    return {"k": int(m.group(1)), "seed": None if m.group(2) is None else int(m.group(2))}
+
+
+# ------------------------------------------------------------------------------------------------- per-run folders
+def run_environment(work: str, name: str, subset: dict = None):
+    """Environment of one run: the shared raw data and trainers, its own ``nnUNet_results`` and its own
+    ``nnUNet_preprocessed`` whose dataset folder links to the shared preprocessed files but holds its own label subset
+    (or none) and its own copy of BCP's unlabeled data (the plugin rewrites that copy to match the subset)."""
+    from nnunetv2_bcp.unlabeled.label_subset import LABEL_SUBSET_FILE
+    env = environment(work)
+    dataset = os.path.basename(dataset_folder(env))
+    shared = join(env["nnUNet_preprocessed"], dataset)
+    run_dir = join(work, "runs", name)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    own = join(run_dir, "nnUNet_preprocessed", dataset)
+    maybe_mkdir_p(own)
+    for entry in os.listdir(shared):
+        if entry == LABEL_SUBSET_FILE or entry.endswith("_unlabeled") or entry.startswith("."):
+            continue  # per run: the label subset, the unlabeled copy (made for that subset) and its lock
+        os.symlink(join(shared, entry), join(own, entry))
+    if subset is not None:
+        save_json(subset, join(own, LABEL_SUBSET_FILE), sort_keys=False)
+    env["nnUNet_preprocessed"] = join(run_dir, "nnUNet_preprocessed")
+    env["nnUNet_results"] = join(run_dir, "nnUNet_results")
+    maybe_mkdir_p(env["nnUNet_results"])
+    return env, own
+
+
+def append_row(path: str, row: dict) -> None:
+    """One line, one write, under an exclusive lock: parallel runs never interleave their rows."""
+    import fcntl
+    maybe_mkdir_p(os.path.dirname(os.path.abspath(path)))
+    line = json.dumps(row) + "\n"
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            f.write(line)
+            f.flush()
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def reader_writer(dataset_json: dict):
+    """The dataset's image reader (``overwrite_image_reader_writer`` if set, e.g. NibabelIO), else SimpleITKIO."""
+    from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
+    return recursive_find_reader_writer_by_name(dataset_json.get("overwrite_image_reader_writer", "SimpleITKIO"))()
+
+
+def dice_per_case(summary: dict, file_ending: str, labels) -> dict:
+    """``{case: {"1": Dice, "2": Dice}}`` from nnU-Net's summary.json ``metric_per_case``."""
+    cases = {}
+    for entry in summary["metric_per_case"]:
+        case = os.path.basename(entry["reference_file"])[:-len(file_ending)]
+        cases[case] = {str(c): entry["metrics"][str(c)]["Dice"] for c in labels}
+    return cases
+
+
 def prepare(args):
     env = environment(args.work_dir)
     sh(["nnUNetv2_convert_MSD_dataset", "-i", os.path.abspath(args.msd), "-overwrite_id", str(DATASET_ID)], env)
@@ -122,6 +262,8 @@ def prepare(args):
                 shutil.move(join(folder, "imagesTr", f), join(folder, "imagesTs", f))
         shutil.move(join(folder, "labelsTr", case + ending), join(folder, "labelsTs", case + ending))
     dataset_json["numTraining"] = len(cases) - len(test)
+    if args.reader:
+        dataset_json["overwrite_image_reader_writer"] = args.reader
     save_json(dataset_json, join(folder, "dataset.json"), sort_keys=False)
     sh(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "2"], env)
     pre = join(env["nnUNet_preprocessed"], os.path.basename(folder))
@@ -136,85 +278,248 @@ def prepare(args):
     print(f"{len(pool) - len(val)} training, {len(val)} validation, {len(test)} test cases")
 
 
-def run(args):
+def settings_of(args) -> dict:
+    """The trainer settings of a run: ``--bcp`` plus the older ``--bcp-pretrain-epochs``/``--bcp-alpha``."""
+    settings = parse_settings(getattr(args, "bcp", None))
+    if getattr(args, "bcp_pretrain_epochs", None) is not None:
+        settings["bcp_pretrain_epochs"] = args.bcp_pretrain_epochs
+    if getattr(args, "bcp_alpha", None) is not None:
+        settings["bcp_alpha"] = args.bcp_alpha
+    return settings
+
+
+def reproduce_command(args, arm: str, k: int, settings: dict) -> str:
+    """The ``run`` command line of a row (work dir and device left out: the row records the device)."""
+    parts = ["python examples/benchmark_label_scarce.py run", f"--arm {arm}", f"-k {k}", f"--seed {args.seed}",
+             f"--iterations {args.iterations}"]
+    if arm in CONTINUE_ARMS and args.from_run:
+        parts.append(f"--from {args.from_run}")
+    if arm in CONTINUE_ARMS and args.from_iterations != DEFAULT_ITERATIONS:
+        parts.append(f"--from-iterations {args.from_iterations}")
+    parts += [f"--bcp {name}={json.dumps(value)}" for name, value in sorted(settings.items())]
+    parts += [f"--test-images {args.test_images}"] * bool(args.test_images)
+    parts += [f"--test-labels {args.test_labels}"] * bool(args.test_labels)
+    return " ".join(parts)
+
+
+def model_done(work: str, name: str) -> bool:
+    """A run whose model is kept and whose row was written (``result.json`` is written beside the model last)."""
+    return isfile(join(work, "models", name, "result.json"))
+
+
+def run(args) -> dict:
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
-    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
-    from nnunetv2_bcp.training.nnUNetTrainerBCP import default_pretrain_epochs
-    from nnunetv2_bcp.unlabeled.label_subset import LABEL_SUBSET_FILE, choose_label_subset
-    env = environment(args.work_dir)
+    from nnunetv2_bcp.unlabeled.label_subset import choose_label_subset
+    work = args.work_dir
+    settings = settings_of(args)
+    env = environment(work)
     folder = dataset_folder(env)
-    pre = join(env["nnUNet_preprocessed"], os.path.basename(folder))
-    splits = load_json(join(pre, "splits_final.json"))
+    dataset = os.path.basename(folder)
+    dataset_json = load_json(join(folder, "dataset.json"))
+    splits = load_json(join(env["nnUNet_preprocessed"], dataset, "splits_final.json"))
     train = splits[0]["train"]
-    subset_file = join(pre, LABEL_SUBSET_FILE)
-    if args.arm == "ceiling":
-        if isfile(subset_file):
-            os.remove(subset_file)
-        k = len(train)
-    else:
-        k = args.k
-        save_json(choose_label_subset(train, splits, num_labeled=k, seed=args.seed), subset_file)
+    k = len(train) if args.arm == "ceiling" else args.k
+    from_run = None
+    if args.arm in CONTINUE_ARMS:
+        from_run = args.from_run or labeled_run_name(k, args.seed, args.from_iterations)
+        start_model = join(work, "models", from_run)
+        if not isfile(join(start_model, "fold_0", "checkpoint_final.pth")):
+            if args.from_run:
+                raise SystemExit(f"--from {from_run}: no model in {start_model}")
+            print(f"{from_run} is not in {join(work, 'models')}: training it first", flush=True)
+            run(argparse.Namespace(**{**vars(args), "arm": "labeled", "iterations": args.from_iterations, "bcp": None,
+                                      "bcp_alpha": None, "bcp_pretrain_epochs": None}))
+    name = run_name(args.arm, k, args.seed, args.iterations, settings, from_run)
+    subset = None if args.arm == "ceiling" else choose_label_subset(train, splits, num_labeled=k, seed=args.seed)
+    env, _ = run_environment(work, name, subset)
     epochs = args.iterations // args.iterations_per_epoch
-    env.update(BENCH_EPOCHS=str(epochs), BENCH_ITERATIONS=str(args.iterations_per_epoch))
+    env.update(BENCH_EPOCHS=str(epochs), BENCH_ITERATIONS=str(args.iterations_per_epoch),
+               BENCH_SETTINGS=json.dumps(settings))
     trainer = ARM_TRAINERS[args.arm]
-    run_name = f"{args.arm}_k{k}"
-    pretrain_epochs = None
-    if args.arm == "bcp":
-        pretrain_epochs = default_pretrain_epochs(epochs) if args.bcp_pretrain_epochs is None \
-            else args.bcp_pretrain_epochs
-        env["BENCH_BCP_PRETRAIN_EPOCHS"] = str(pretrain_epochs)
-        if args.bcp_pretrain_epochs is not None:
-            run_name += f"_pretrain{pretrain_epochs}"
-        if args.bcp_alpha is not None:
-            env["BENCH_BCP_ALPHA"] = str(args.bcp_alpha)
-            run_name += f"_alpha{args.bcp_alpha:g}"
-    log = join(args.work_dir, f"{run_name}.log")
-    results_folder = join(env["nnUNet_results"], os.path.basename(folder), f"{trainer}__{PLANS}__3d_fullres")
-    shutil.rmtree(results_folder, ignore_errors=True)  # each arm from scratch
+    log = join(work, f"{name}.log")
+    results_folder = join(env["nnUNet_results"], dataset, f"{trainer}__{PLANS}__3d_fullres")
+    train_cmd = ["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-p", PLANS, "-tr", trainer, "-device",
+                 args.device]
     start = time.time()
-    sh(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-p", PLANS, "-tr", trainer, "-device", args.device],
-       env, log)
+    if from_run:
+        env["BENCH_CONTINUE"] = "1"
+        sh(["nnUNetv2_bcp_start_from_model", str(DATASET_ID), "3d_fullres", "0", "-tr", trainer, "-p", PLANS,
+            "-m", join(start_model, "fold_0", "checkpoint_final.pth"), "-device", args.device], env, log)
+        train_cmd.append("--c")
+    sh(train_cmd, env, log)
     train_seconds = time.time() - start
     test_images = args.test_images or join(folder, "imagesTs")
     test_labels = args.test_labels or join(folder, "labelsTs")
-    pred = join(args.work_dir, f"pred_{run_name}")
+    pred = join(work, f"pred_{name}")
     shutil.rmtree(pred, ignore_errors=True)
     sh(["nnUNetv2_predict", "-i", test_images, "-o", pred, "-d", str(DATASET_ID), "-c", "3d_fullres", "-p", PLANS,
         "-f", "0", "-tr", trainer, "-device", args.device, "-npp", "1", "-nps", "1"], env, log)
-    metrics = compute_metrics_on_folder(test_labels, pred, join(pred, "summary.json"), SimpleITKIO(),
-                                        load_json(join(folder, "dataset.json"))["file_ending"], [1, 2],
-                                        num_processes=2)
-    result = {"arm": args.arm, "k": k, "dice_per_class": {str(c): metrics["mean"][c]["Dice"] for c in (1, 2)},
-              "dice_mean": metrics["foreground_mean"]["Dice"], "iterations": epochs * args.iterations_per_epoch,
-              "train_seconds": round(train_seconds), "seed": args.seed, "device": args.device,
-              "num_test": len(os.listdir(test_labels)), "trainer": trainer, "plans": PLANS,
-              "date": time.strftime("%Y-%m-%d")}
-    if pretrain_epochs is not None:
-        result["bcp_pretrain_epochs"] = pretrain_epochs
-        settings = load_json(join(results_folder, "fold_0", "bcp_settings.json"))
-        result["bcp_alpha"] = settings["bcp_alpha"]
-        if "bcp_pretrain_min_dice" in settings:  # stage 1 may go on while the student misses a class
-            result["bcp_pretrain_min_dice"] = settings["bcp_pretrain_min_dice"]
-            progress = load_json(join(results_folder, "fold_0", "bcp_progress.json"))
+    labels = [1, 2]
+    compute_metrics_on_folder(test_labels, pred, join(pred, "summary.json"), reader_writer(dataset_json),
+                              dataset_json["file_ending"], labels, num_processes=2)
+    summary = load_json(join(pred, "summary.json"))
+    result = {"run": name, "arm": args.arm, "k": k, "seed": args.seed, "from": from_run,
+              "from_iterations": None, "iterations": epochs * args.iterations_per_epoch, "settings": settings,
+              "dice_per_class": {str(c): summary["mean"][str(c)]["Dice"] for c in labels},
+              "dice_mean": summary["foreground_mean"]["Dice"],
+              "dice_per_case": dice_per_case(summary, dataset_json["file_ending"], labels),
+              "train_seconds": round(train_seconds), "wall_seconds": round(time.time() - start),
+              "device": args.device, "num_test": len(summary["metric_per_case"]),
+              "test_set": os.path.abspath(args.test_labels) if args.test_labels else "split", "trainer": trainer,
+              "plans": PLANS, "date": time.strftime("%Y-%m-%d"),
+              "command": reproduce_command(args, args.arm, k, settings)}
+    if from_run:
+        start_result = join(start_model, "result.json")
+        result["from_iterations"] = load_json(start_result)["iterations"] if isfile(start_result) \
+            else args.from_iterations  # a model kept before rows were stored beside it
+    if args.arm in BCP_ARMS:
+        result["bcp_settings"] = load_json(join(results_folder, "fold_0", "bcp_settings.json"))
+        progress_file = join(results_folder, "fold_0", "bcp_progress.json")
+        if args.arm == "bcp" and isfile(progress_file):  # stage 1 may go on while the student misses a class
+            progress = load_json(progress_file)
             result["bcp_stage1_epochs"] = progress[0]["epoch"] if progress else epochs
-    # keep the trained model of every run (the next run of the same arm starts from scratch in nnUNet_results)
-    kept = join(args.work_dir, "models", run_name)
+    # keep the trained model of every run (another run of the same name starts again from a clean folder)
+    kept = join(work, "models", name)
     maybe_mkdir_p(os.path.dirname(kept))
     shutil.rmtree(kept, ignore_errors=True)
     shutil.move(results_folder, kept)
-    result["model_folder"] = os.path.relpath(kept, args.work_dir)
-    maybe_mkdir_p(os.path.dirname(args.results))
-    with open(args.results, "a") as f:
-        f.write(json.dumps(result) + "\n")
-    print(json.dumps(result))
+    result["model_folder"] = os.path.relpath(kept, work)
+    append_row(args.results, result)
+    save_json(result, join(kept, "result.json"), sort_keys=False)
+    shutil.rmtree(join(work, "runs", name), ignore_errors=True)
+    print(json.dumps({k: v for k, v in result.items() if k != "dice_per_case"}))
+    return result
 
 
-def table(args):
-    rows = [json.loads(line) for line in open(args.results)] if isfile(args.results) else []
+def protocol(args):
+    """Per seed: the labeled-only model L (trained if missing), then (a) labeled-only and (b) BCP continued from it,
+    up to ``--jobs`` runs at once (each a ``run`` subprocess with its output in ``<work>/<run>.out``)."""
+    settings = parse_settings(args.bcp)
+    base = [sys.executable, os.path.abspath(__file__), "run", "-w", args.work_dir, "-k", str(args.k),
+            "--device", args.device, "--results", args.results, "--iterations-per-epoch",
+            str(args.iterations_per_epoch)]
+    for option in ("test_images", "test_labels"):
+        if getattr(args, option):
+            base += ["--" + option.replace("_", "-"), getattr(args, option)]
+    models = join(args.work_dir, "models")
+    first = {s: labeled_run_name(args.k, s, args.from_iterations) for s in args.seeds}
+    missing = [s for s in args.seeds if not isfile(join(models, first[s], "fold_0", "checkpoint_final.pth"))]
+    failed = run_jobs([(first[s], base + ["--arm", "labeled", "--seed", str(s), "--iterations",
+                                          str(args.from_iterations)]) for s in missing], args.jobs, args.work_dir)
+    jobs = []
+    for s in args.seeds:
+        if first[s] in failed:
+            continue
+        for arm, arm_settings in (("labeled_continue", {}), ("bcp_continue", settings)):
+            name = run_name(arm, args.k, s, args.iterations, arm_settings, first[s])
+            if model_done(args.work_dir, name) and not args.redo:
+                print(f"{name}: done before (its model is in {models}); --redo runs it again")
+                continue
+            jobs.append((name, base + ["--arm", arm, "--seed", str(s), "--iterations", str(args.iterations),
+                                       "--from-iterations", str(args.from_iterations)]
+                         + [a for n, v in arm_settings.items() for a in ("--bcp", f"{n}={json.dumps(v)}")]))
+    failed += run_jobs(jobs, args.jobs, args.work_dir)
+    if failed:
+        raise SystemExit(f"failed: {failed} (see <run>.out and <run>.log in {args.work_dir})")
+
+
+def run_jobs(jobs, num_parallel: int, work: str) -> list:
+    """Run ``(name, argv)`` jobs, at most ``num_parallel`` at once; the names of those that failed."""
+    def one(job):
+        name, argv = job
+        print(f"start {name}", flush=True)
+        with open(join(work, f"{name}.out"), "a") as out:
+            code = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT).returncode
+        print(f"{'done' if code == 0 else f'FAILED ({code})'}: {name}", flush=True)
+        return None if code == 0 else name
+    if not jobs:
+        return []
+    with ThreadPoolExecutor(max(1, num_parallel)) as pool:
+        return [name for name in pool.map(one, jobs) if name is not None]
+
+
+# ------------------------------------------------------------------------------------------------ tables, figure
+def load_rows(path: str) -> list:
+    return [json.loads(line) for line in open(path) if line.strip()] if isfile(path) else []
+
+
+def case_means(row: dict) -> dict:
+    """Per test case: the mean Dice over the classes."""
+    return {case: float(np.nanmean(list(dice.values()))) for case, dice in row["dice_per_case"].items()}
+
+
+def paired_statistics(a: dict, b: dict, num_resamples: int = 10000, seed: int = 0) -> dict:
+    """(b) - (a) on the cases both have: mean difference, its percentile-bootstrap 95% interval, the Wilcoxon
+    signed-rank p-value (1 when every difference is 0) and in how many cases (b) is better."""
+    from scipy.stats import wilcoxon
+    cases = sorted(set(a) & set(b))
+    diff = np.array([b[c] - a[c] for c in cases])
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), (num_resamples, len(diff)))].mean(axis=1)
+    p = 1.0 if not np.any(diff) else float(wilcoxon(diff).pvalue)
+    return {"n": len(cases), "mean": float(diff.mean()), "ci": (float(np.percentile(means, 2.5)),
+                                                                 float(np.percentile(means, 97.5))),
+            "p": p, "better": int(np.sum(diff > 0))}
+
+
+def comparisons(rows: list) -> list:
+    """The protocol's pairs: each (b) ``bcp_continue`` row with the (a) ``labeled_continue`` row of the same K, seed,
+    starting model, iterations and test set (the latest of each); grouped by (K, settings, iterations, test set)."""
+    def key(r):
+        return r["k"], r["seed"], r["from"], r["from_iterations"], r["iterations"], r["test_set"]
+    latest_a = {key(r): r for r in rows if r.get("arm") == "labeled_continue"}
+    groups = {}
+    for r in rows:
+        if r.get("arm") == "bcp_continue" and key(r) in latest_a:
+            group = (r["k"], json.dumps(r["settings"], sort_keys=True), r["from_iterations"], r["iterations"],
+                     r["test_set"])
+            groups.setdefault(group, {})[r["seed"]] = (latest_a[key(r)], r)  # a later row replaces an earlier one
+    return [{"k": g[0], "settings": json.loads(g[1]), "from_iterations": g[2], "iterations": g[3], "test_set": g[4],
+             "seeds": {s: pairs[s] for s in sorted(pairs)}} for g, pairs in sorted(groups.items(), key=str)]
+
+
+def comparison_table(group: dict) -> str:
+    settings = " ".join(f"--bcp {n}={json.dumps(v)}" for n, v in sorted(group["settings"].items()))
+    seeds = list(group["seeds"])
+    test = "the benchmark's test split" if group["test_set"] == "split" else f"`{group['test_set']}`"
+    lines = [f"**K = {group['k']}, BCP {'settings `' + settings + '`' if settings else 'defaults'}**: L "
+             f"{group['from_iterations']} iterations, then {group['iterations']} more; scored on {test}. Reproduce: "
+             f"`python examples/benchmark_label_scarce.py protocol -w bench --seeds {' '.join(map(str, seeds))} "
+             f"-k {group['k']} --iterations {group['iterations']}"
+             + (f" --from-iterations {group['from_iterations']}" if group["from_iterations"] != DEFAULT_ITERATIONS
+                else "") + (f" {settings}" if settings else "") + "`", "",
+             "| seed | (a) labeled-only continued | (b) BCP continued | (b) − (a) | per case: mean (b) − (a) "
+             "[95% bootstrap CI] | Wilcoxon p | (b) better in |", "|---|---|---|---|---|---|---|"]
+    a_means, b_means = [], []
+    for seed, (a, b) in group["seeds"].items():
+        stats = paired_statistics(case_means(a), case_means(b))
+        a_means.append(a["dice_mean"])
+        b_means.append(b["dice_mean"])
+        lines.append(f"| {seed} | {a['dice_mean']:.4f} | {b['dice_mean']:.4f} | {b['dice_mean'] - a['dice_mean']:+.4f} "
+                     f"| {stats['mean']:+.4f} [{stats['ci'][0]:+.4f}, {stats['ci'][1]:+.4f}] | {stats['p']:.2g} | "
+                     f"{stats['better']} of {stats['n']} |")
+    lines.append(f"| mean of {len(seeds)} | {np.mean(a_means):.4f} | {np.mean(b_means):.4f} | "
+                 f"{np.mean(b_means) - np.mean(a_means):+.4f} | | | |")
+    return "\n".join(lines)
+
+
+def runs_table(rows: list) -> str:
+    lines = ["| run | labeled cases | seed | from | iterations | Dice anterior | Dice posterior | mean Dice | "
+             "train time | reproduce |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["k"], r["seed"], r["run"])):
+        start = f"{r['from']} ({r['from_iterations']})" if r.get("from") else "scratch"
+        lines.append(f"| {r['run']} | {r['k']} | {r['seed']} | {start} | {r['iterations']} | "
+                     f"{r['dice_per_class']['1']:.4f} | {r['dice_per_class']['2']:.4f} | {r['dice_mean']:.4f} | "
+                     f"{r['train_seconds'] / 60:.0f} min ({r['device']}) | `{r['command']}` |")
+    return "\n".join(lines)
+
+
+def earlier_table(rows: list) -> str:
+    """Rows from before run names carried the seed: each arm from scratch, one label subset (seed 0)."""
     lines = ["| arm | labeled cases | Dice anterior | Dice posterior | mean Dice | iterations | train time | seed |",
              "|---|---|---|---|---|---|---|---|"]
     order = {"labeled": 0, "bcp": 1, "ceiling": 2}
-    for r in sorted(rows, key=lambda r: (r["k"], order[r["arm"]])):
+    for r in sorted(rows, key=lambda r: (r["k"], order.get(r["arm"], 3))):
         arm = f"{r['arm']} ({r['trainer']})"
         if "bcp_stage1_epochs" in r:
             arm += (f", stage 1: {r['bcp_stage1_epochs']} epochs ({r['bcp_pretrain_epochs']} or more, until every "
@@ -226,13 +531,120 @@ def table(args):
         lines.append(f"| {arm} | {r['k']} | {r['dice_per_class']['1']:.4f} | "
                      f"{r['dice_per_class']['2']:.4f} | {r['dice_mean']:.4f} | {r['iterations']} | "
                      f"{r['train_seconds'] / 60:.0f} min ({r['device']}) | {r['seed']} |")
-    text = "\n".join(lines)
-    readme = open(README).read()
-    if TABLE_START in readme:
-        head, rest = readme.split(TABLE_START)
-        readme = head + TABLE_START + "\n" + text + "\n" + TABLE_END + rest.split(TABLE_END)[1]
-        open(README, "w").write(readme)
+    return "\n".join(lines)
+
+
+DOCS_INTRO = """# Benchmarks
+
+## Label-scarce benchmark (MSD Hippocampus)
+
+`examples/benchmark_label_scarce.py` (its docstring has every command). Once:
+`python examples/benchmark_label_scarce.py prepare --msd ../shared/data/Task04_Hippocampus -w bench`: of the 220
+labeled cases, 40 test cases set aside with seed 0, 10 validation cases, 170 training cases in the pool; plans
+`nnUNetPlans_bs2` (batch size 2), 3d_fullres, 25 iterations per epoch.
+
+The protocol, per label-subset seed S (which K cases keep their labels): the labeled-only model L
+(`labeled_k<K>_s<S>`, 1000 iterations from scratch), then from all of L's weights for N more iterations
+(a) labeled-only continued (`labeled_continue_k<K>_s<S>`, nnU-Net's poly learning rate restarted) and (b) BCP stage 2
+continued (`bcp_continue_k<K>_s<S>[_<settings>]`, teacher = L). The comparison is (b) − (a), paired per seed and per
+test case. Each row of the tables is reproduced by the command shown beside it (`run`, with `-w bench` and `--device`
+added; the `protocol` command above a comparison runs all of its rows); the results file
+`examples/results/hippocampus_label_scarce.jsonl` keeps every run's Dice per test case, and
+`python examples/benchmark_label_scarce.py table` rewrites the tables below from it.
+
+![Label efficiency](figures/label_efficiency.png)
+
+*Figure* (`python examples/benchmark_label_scarce.py figure`): mean test Dice against the number of labeled cases.
+Labeled-only and BCP are the protocol's (a) and (b): L's iterations plus the continuation's, i.e. the same total
+iterations for both; the all-labeled ceiling is drawn from rows with that total budget when there are any (its
+legend gives the iterations it was trained for). Small markers: single runs (one per seed); large markers: their
+mean. Until the protocol's first pair lands, it shows the earlier from-scratch runs instead (one label subset, 1000
+iterations for every arm; the BCP points there are its stage-1 variants with α = 0.5).
+
+"""
+
+
+def write_docs(path: str, text: str) -> None:
+    """The tables between the markers of ``path`` (created with its introduction if missing)."""
+    maybe_mkdir_p(os.path.dirname(os.path.abspath(path)))
+    doc = open(path).read() if isfile(path) else DOCS_INTRO + TABLE_START + "\n" + TABLE_END + "\n"
+    head, rest = doc.split(TABLE_START)
+    open(path, "w").write(head + TABLE_START + "\n" + text + "\n" + TABLE_END + rest.split(TABLE_END)[1])
+
+
+def table(args):
+    rows = load_rows(args.results)
+    seeded = [r for r in rows if "run" in r]
+    earlier = [r for r in rows if "run" not in r]
+    parts = ["### Paired comparison: BCP vs labeled-only, both continued from L"]
+    groups = comparisons(seeded)
+    parts += [comparison_table(g) for g in groups] or ["No paired runs yet."]
+    parts += ["### Every run", runs_table(seeded) if seeded else "No runs yet."]
+    if earlier:
+        parts += ["### Earlier, from scratch (one label subset, seed 0; run names without the seed)",
+                  earlier_table(earlier)]
+    text = "\n\n".join(parts)
+    write_docs(args.docs, text)
     print(text)
+
+
+def figure_series(rows: list, settings: dict, budget: int = None):
+    """(labeled-only rows, BCP rows, ceiling rows, total iterations, title) of the figure: the protocol's (a) and (b)
+    at one total budget (``budget``, default the most common); without protocol rows yet, the earlier from-scratch
+    runs (one label subset, BCP with α = 0.5)."""
+    seeded = list({r["run"]: r for r in rows if "run" in r and r["test_set"] == "split"}.values())  # latest of a run
+    continued = [r for r in seeded if r["arm"] == "labeled_continue"
+                 or (r["arm"] == "bcp_continue" and r["settings"] == settings)]
+    if continued:
+        totals = [r["from_iterations"] + r["iterations"] for r in continued]
+        budget = budget or max(set(totals), key=totals.count)
+        continued = [r for r, total in zip(continued, totals) if total == budget]
+        return ([r for r in continued if r["arm"] == "labeled_continue"],
+                [r for r in continued if r["arm"] == "bcp_continue"],
+                [r for r in seeded if r["arm"] == "ceiling"], budget,
+                "labeled model L, then continued: labeled-only or BCP")
+    earlier = [r for r in rows if "run" not in r and r["iterations"] == (budget or DEFAULT_ITERATIONS)]
+    if not earlier:
+        raise SystemExit("no rows to plot")
+    return ([r for r in earlier if r["arm"] == "labeled"],
+            [r for r in earlier if r["arm"] == "bcp" and r.get("bcp_alpha", 0.5) == 0.5],
+            [r for r in earlier if r["arm"] == "ceiling"], budget or DEFAULT_ITERATIONS,
+            "earlier runs from scratch, label-subset seed 0")
+
+
+def figure(args):
+    """Mean test Dice against the number of labeled cases: labeled-only (a), BCP (b) and the all-labeled ceiling at
+    the same total budget, single runs and the mean per number of labeled cases."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    settings = parse_settings(args.bcp)
+    labeled, bcp, ceiling, budget, title = figure_series(load_rows(args.results), settings, args.budget)
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for arm_rows, label, color in ((labeled, "labeled only (nnU-Net)", "tab:blue"),
+                                   (bcp, "BCP" + settings_suffix(settings).replace("_", " "), "tab:orange")):
+        ks = sorted({r["k"] for r in arm_rows})
+        ax.scatter([r["k"] for r in arm_rows], [r["dice_mean"] for r in arm_rows], s=14, color=color, alpha=0.5)
+        ax.plot(ks, [np.mean([r["dice_mean"] for r in arm_rows if r["k"] == k]) for k in ks], "o-", color=color,
+                label=label)
+    shown = [r for r in ceiling if r["iterations"] == budget] or ceiling  # else: the ceiling runs there are
+    for r in shown:
+        ax.axhline(r["dice_mean"], color="gray", ls="--", lw=1)
+    if shown:
+        iterations = "/".join(str(i) for i in sorted({r["iterations"] for r in shown}))
+        ax.plot([], [], "--", color="gray", label=f"all {shown[0]['k']} labeled ({iterations} iterations)")
+    ks = sorted({r["k"] for r in labeled + bcp})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.minorticks_off()
+    ax.set_xlabel("labeled cases")
+    ax.set_ylabel("mean test Dice (40 test cases)")
+    ax.set_title(f"MSD Hippocampus, {budget} iterations in all\n{title}", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    maybe_mkdir_p(os.path.dirname(os.path.abspath(args.figure)))
+    fig.savefig(args.figure, dpi=120)
+    print(f"written {args.figure} ({budget} iterations in all: {title})")
 
 
 def curves(args):
@@ -281,15 +693,17 @@ def pseudo(args):
     pre = join(env["nnUNet_preprocessed"], os.path.basename(folder))
     splits = load_json(join(pre, "splits_final.json"))
     model = join(args.work_dir, "models", args.run)
-    k = int(args.run.split("_k")[1].split("_")[0])
-    cases = choose_label_subset(splits[0]["train"], splits, num_labeled=k, seed=args.seed)["folds"]["0"]["unlabeled"]
+    named = parse_run_name(args.run)
+    seed = args.seed if named["seed"] is None else named["seed"]  # earlier names (bcp_k4) carry no seed
+    subset = choose_label_subset(splits[0]["train"], splits, num_labeled=named["k"], seed=seed)
+    cases = subset["folds"]["0"]["unlabeled"]
     cases = sorted(cases)[:args.num_cases]
     ending = load_json(join(folder, "dataset.json"))["file_ending"]
     images = tempfile.mkdtemp(dir=args.work_dir)
     for case in cases:
         os.symlink(join(folder, "imagesTr", f"{case}_0000{ending}"), join(images, f"{case}_0000{ending}"))
     labels = join(folder, "labelsTr")
-    result = {"run": args.run, "num_cases": len(cases), "seed": args.seed, "device": args.device,
+    result = {"run": args.run, "num_cases": len(cases), "seed": seed, "device": args.device,
               "date": time.strftime("%Y-%m-%d")}
     # a BCP run: its teacher and student; any other run (e.g. labeled_k4): its model, as the reference
     bcp_run = isfile(join(model, "fold_0", "bcp_settings.json"))
@@ -328,32 +742,58 @@ def main():
     p = sub.add_parser("prepare")
     p.add_argument("--msd", required=True)
     p.add_argument("--num-test", type=int, default=40)
-    r = sub.add_parser("run")
+    p.add_argument("--reader", default=None,
+                   help="e.g. NibabelIO: written into dataset.json as overwrite_image_reader_writer (where "
+                        "SimpleITK is missing)")
+    r = sub.add_parser("run", help="one arm")
     r.add_argument("--arm", choices=list(ARM_TRAINERS), required=True)
-    r.add_argument("-k", type=int, default=2, help="labeled cases (labeled and bcp arms)")
-    r.add_argument("--iterations", type=int, default=1000)
-    r.add_argument("--iterations-per-epoch", type=int, default=25)
-    r.add_argument("--device", default="cpu")
+    r.add_argument("--from", dest="from_run", default=None,
+                   help="continuation arms: the kept run to start from (default: the seed's labeled_k<K>_s<S>, "
+                        "trained first if missing)")
     r.add_argument("--bcp-pretrain-epochs", type=int, default=None,
                    help="bcp arm: stage-1 epochs (default: nnUNetTrainerBCP's 20%% of the epochs)")
     r.add_argument("--bcp-alpha", type=float, default=None,
-                   help="bcp arm: weight of the unlabeled-origin loss (default: nnUNetTrainerBCP's 0.5)")
-    r.add_argument("--test-images", default=None)
-    r.add_argument("--test-labels", default=None)
-    t = sub.add_parser("table")
+                   help="bcp arms: weight of the unlabeled-origin loss (default: nnUNetTrainerBCP's 0.5)")
+    o = sub.add_parser("protocol", help="L per seed if missing, then (a) and (b) continued from it")
+    o.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    o.add_argument("--jobs", type=int, default=1, help="runs at once")
+    o.add_argument("--redo", action="store_true", help="run (a) and (b) again even where their models are kept")
+    for q in (r, o):
+        q.add_argument("-k", type=int, default=2, help="labeled cases (all but the ceiling arm)")
+        q.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS,
+                       help="training iterations (continuation arms: N, on top of L's)")
+        q.add_argument("--from-iterations", type=int, default=DEFAULT_ITERATIONS,
+                       help="iterations of the labeled-only model L that continuations start from")
+        q.add_argument("--iterations-per-epoch", type=int, default=25)
+        q.add_argument("--device", default="cpu")
+        q.add_argument("--test-images", default=None)
+        q.add_argument("--test-labels", default=None)
+    t = sub.add_parser("table", aliases=["compare"], help=f"the tables into --docs (between {TABLE_START} and "
+                                                          f"{TABLE_END})")
+    t.add_argument("--docs", default=DOCS)
+    f = sub.add_parser("figure")
+    f.add_argument("--figure", default=FIGURE)
+    f.add_argument("--budget", type=int, default=None,
+                   help="total iterations (L + continuation) of the points (default: the most common)")
+    for q in (r, o, f):
+        q.add_argument("--bcp", action="append", default=[], metavar="NAME=VALUE",
+                       help="a BCP trainer attribute (value as JSON), repeatable; recorded in the run name and row")
     c = sub.add_parser("curves")
-    c.add_argument("--run", required=True, help="a run name, e.g. bcp_k2 or labeled_k4 (its log in the work dir)")
+    c.add_argument("--run", required=True, help="a run name, e.g. bcp_continue_k2_s0 (its log in the work dir)")
     u = sub.add_parser("pseudo")
-    u.add_argument("--run", required=True, help="a kept run, e.g. bcp_k4 or labeled_k4 (its model in <work>/models)")
+    u.add_argument("--run", required=True, help="a kept run, e.g. bcp_continue_k2_s0 or labeled_k2_s0 (its model in "
+                                                "<work>/models)")
     u.add_argument("--device", default="cpu")
     u.add_argument("--num-cases", type=int, default=60, help="score the first N unlabeled cases (sorted)")
-    for q in (p, r, t, c, u):
+    for q in (p, r, o, t, f, c, u):
         q.add_argument("-w", "--work-dir", default="bench_hippocampus")
-        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--seed", type=int, default=0, help="prepare: the test split; run: the label subset; pseudo: "
+                                                           "the label subset of run names without a seed")
         q.add_argument("--results", default=RESULTS)
     args = parser.parse_args()
     args.work_dir = os.path.abspath(args.work_dir)
-    {"prepare": prepare, "run": run, "table": table, "curves": curves, "pseudo": pseudo}[args.command](args)
+    {"prepare": prepare, "run": run, "protocol": protocol, "table": table, "compare": table, "figure": figure,
+     "curves": curves, "pseudo": pseudo}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,15 @@
-"""The ACDC paper-protocol recipe's conversion, on a tiny fake ACDC-like folder."""
+"""The examples' logic on tiny fake data: the ACDC recipe's conversion, the label-scarce benchmark's run names,
+per-run folders, paired statistics, tables, figure and protocol (nnU-Net faked; no real training)."""
+import argparse
 import importlib.util
+import json
 import os
+import shutil
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
-from batchgenerators.utilities.file_and_folder_operations import join, load_json
+from batchgenerators.utilities.file_and_folder_operations import join, load_json, save_json
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
 
@@ -54,3 +59,230 @@ def test_acdc_conversion_split_and_label_subset(tmp_path):
     assert {c.split("_")[0] for c in labeled} == set(subset["labeled_patients"]) <= set(split["train"])
     assert sorted(labeled + subset["folds"]["0"]["unlabeled"]) == sorted(splits[0]["train"])
     assert "all" not in subset["folds"]
+
+
+# ------------------------------------------------------------------------------------ label-scarce benchmark
+def _fake_benchmark_work(work, num_train=8):
+    """A work dir as ``prepare`` leaves it, with tiny test labels and a stale dataset-level label subset."""
+    raw = join(work, "nnUNet_raw", "Dataset604_Fake")
+    pre = join(work, "nnUNet_preprocessed", "Dataset604_Fake")
+    for folder in (join(raw, "imagesTs"), join(raw, "labelsTs"), join(pre, "nnUNetPlans_3d_fullres"),
+                   join(pre, "nnUNetPlans_3d_fullres_unlabeled")):
+        os.makedirs(folder)
+    save_json({"labels": {"background": 0, "a": 1, "b": 2}, "file_ending": ".nii.gz", "channel_names": {"0": "MRI"},
+               "numTraining": num_train}, join(raw, "dataset.json"))
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        seg = rng.integers(0, 3, (4, 6, 6)).astype(np.uint8)
+        seg[0, 0, :3], seg[0, 1, :3] = 1, 2  # both classes in every case
+        sitk.WriteImage(sitk.GetImageFromArray(seg), join(raw, "labelsTs", f"case{i}.nii.gz"))
+        sitk.WriteImage(sitk.GetImageFromArray(seg.astype(np.float32)), join(raw, "imagesTs", f"case{i}_0000.nii.gz"))
+    train = [f"tr{i}" for i in range(num_train)]
+    save_json([{"train": train, "val": ["va0", "va1"]}], join(pre, "splits_final.json"))
+    save_json({"plans_name": "nnUNetPlans_bs2"}, join(pre, "nnUNetPlans_bs2.json"))
+    save_json({"folds": {"0": {"labeled": train[:1], "unlabeled": train[1:]}}}, join(pre, "bcp_label_subset.json"))
+    open(join(pre, ".nnUNetPlans_3d_fullres_unlabeled.lock"), "w").close()
+    return raw, pre
+
+
+def test_benchmark_run_names_and_settings():
+    bench = _load("benchmark_label_scarce")
+    assert bench.run_name("labeled", 2, 0) == "labeled_k2_s0" != bench.run_name("labeled", 2, 1)
+    assert bench.run_name("labeled_continue", 2, 1, from_run="labeled_k2_s1") == "labeled_continue_k2_s1"
+    settings = bench.parse_settings(["bcp_teacher_weak_view=true", "bcp_labeled_loss_weight=1.0", "name=abc"])
+    assert settings == {"bcp_teacher_weak_view": True, "bcp_labeled_loss_weight": 1.0, "name": "abc"}
+    assert bench.run_name("bcp_continue", 4, 2, 2000, settings, from_run="labeled_k4_s2_it500") == \
+        "bcp_continue_k4_s2_it2000_from-labeled_k4_s2_it500_labeled_loss_weight=1.0_teacher_weak_view=true_name=abc"
+    with pytest.raises(SystemExit):
+        bench.parse_settings(["bcp_alpha"])
+    assert bench.parse_run_name("bcp_continue_k2_s1_alpha=0.3") == {"k": 2, "seed": 1}
+    assert bench.parse_run_name("bcp_k4_pretrain8") == {"k": 4, "seed": None}  # earlier names: no seed
+
+
+def test_benchmark_runs_are_isolated_per_seed(tmp_path):
+    bench = _load("benchmark_label_scarce")
+    from nnunetv2_bcp.unlabeled.label_subset import label_subset_path
+    _, shared = _fake_benchmark_work(str(tmp_path))
+    subsets = {s: {"folds": {"0": {"labeled": [f"tr{s}"], "unlabeled": []}}} for s in (0, 1)}
+    envs = {s: bench.run_environment(str(tmp_path), bench.run_name("labeled", 1, s), subsets[s]) for s in (0, 1)}
+    (env0, own0), (env1, own1) = envs[0], envs[1]
+    assert env0["nnUNet_results"] != env1["nnUNet_results"] and own0 != own1
+    assert env0["nnUNet_raw"] == env1["nnUNet_raw"] == str(tmp_path / "nnUNet_raw")
+    for s, own in ((0, own0), (1, own1)):
+        assert os.path.dirname(own) == envs[s][0]["nnUNet_preprocessed"]
+        assert load_json(label_subset_path(own)) == subsets[s]  # its own subset, not the stale shared one
+        assert os.path.realpath(join(own, "nnUNetPlans_3d_fullres")) == join(shared, "nnUNetPlans_3d_fullres")
+        assert load_json(join(own, "splits_final.json"))[0]["val"] == ["va0", "va1"]
+        # BCP's unlabeled copy and its lock stay per run (the plugin rewrites the copy to match the run's subset)
+        assert not os.path.exists(join(own, "nnUNetPlans_3d_fullres_unlabeled"))
+        assert not os.path.exists(join(own, ".nnUNetPlans_3d_fullres_unlabeled.lock"))
+    ceiling_env, ceiling_own = bench.run_environment(str(tmp_path), "ceiling_k8_s0", None)
+    assert not os.path.exists(label_subset_path(ceiling_own))
+
+
+def test_benchmark_paired_statistics():
+    bench = _load("benchmark_label_scarce")
+    rng = np.random.default_rng(1)
+    a = {f"c{i}": v for i, v in enumerate(rng.uniform(0.7, 0.9, 40))}
+    b = {c: v + 0.02 + rng.normal(0, 0.01) for c, v in a.items()}
+    shifted = bench.paired_statistics(a, b)
+    assert shifted["n"] == 40 and abs(shifted["mean"] - 0.02) < 0.005
+    assert 0 < shifted["ci"][0] < shifted["mean"] < shifted["ci"][1] and shifted["p"] < 1e-6
+    worse = bench.paired_statistics(b, a)
+    assert worse["ci"][1] < 0 and worse["better"] < 5
+    same = bench.paired_statistics(a, dict(a))
+    assert same["mean"] == 0 and same["ci"] == (0, 0) and same["p"] == 1 and same["better"] == 0
+    assert bench.paired_statistics(a, {"c0": a["c0"] + 1, "other": 0.5})["n"] == 1  # only cases both arms have
+
+
+def _fake_row(bench, arm, k, seed, dice, iterations=1000, from_iterations=None, settings=None):
+    cases = {f"c{i}": {"1": dice + 0.01 * (i % 3), "2": dice - 0.01 * (i % 3)} for i in range(10)}
+    from_run = bench.labeled_run_name(k, seed) if from_iterations else None
+    return {"run": bench.run_name(arm, k, seed, iterations, settings, from_run), "arm": arm, "k": k, "seed": seed,
+            "from": from_run, "from_iterations": from_iterations, "iterations": iterations, "settings": settings or {},
+            "dice_per_class": {"1": dice, "2": dice}, "dice_mean": dice, "dice_per_case": cases,
+            "train_seconds": 600, "device": "cpu", "num_test": 10, "test_set": "split", "command": "python ..."}
+
+
+def test_benchmark_table_and_figure_from_results(tmp_path):
+    bench = _load("benchmark_label_scarce")
+    results, docs, figure = str(tmp_path / "r.jsonl"), str(tmp_path / "docs" / "b.md"), str(tmp_path / "f" / "e.png")
+    earlier = {"arm": "bcp", "k": 2, "dice_per_class": {"1": 0.8, "2": 0.8}, "dice_mean": 0.8, "iterations": 1000,
+               "train_seconds": 60, "seed": 0, "device": "cpu", "trainer": "BenchBCP", "bcp_pretrain_epochs": 8}
+    rows = [earlier, _fake_row(bench, "ceiling", 170, 0, 0.86, iterations=2000)]
+    for seed, (a, b) in enumerate(((0.80, 0.83), (0.78, 0.80))):
+        rows += [_fake_row(bench, "labeled", 2, seed, 0.77),
+                 _fake_row(bench, "labeled_continue", 2, seed, a, 1000, 1000),
+                 _fake_row(bench, "bcp_continue", 2, seed, b, 1000, 1000)]
+    rows.append(_fake_row(bench, "bcp_continue", 2, 0, 0.5, 1000, 1000, {"bcp_alpha": 0.3}))  # another candidate
+    for row in rows:
+        bench.append_row(results, row)
+    args = argparse.Namespace(results=results, docs=docs, figure=figure, budget=None, bcp=[])
+    bench.table(args)
+    text = open(docs).read()
+    assert text.startswith("# Benchmarks") and text.count(bench.TABLE_START) == 1
+    assert "| 0 | 0.8000 | 0.8300 | +0.0300 | +0.0300 [+0.0300, +0.0300] |" in text
+    assert "| 1 | 0.7800 | 0.8000 | +0.0200 |" in text and "| mean of 2 | 0.7900 | 0.8150 | +0.0250 |" in text
+    assert "`--bcp bcp_alpha=0.3`" in text and "| 0 | 0.8000 | 0.5000 | -0.3000 |" in text
+    assert "labeled_k2_s1" in text and "Earlier, from scratch" in text and "stage 1: 8 epochs (fixed)" in text
+    open(docs, "a").write("\nkept after the table\n")
+    bench.append_row(results, _fake_row(bench, "bcp_continue", 2, 1, 0.9, 1000, 1000))  # a later row replaces
+    bench.table(args)
+    text = open(docs).read()
+    assert text.count(bench.TABLE_START) == 1 and text.endswith("kept after the table\n")
+    assert "| 1 | 0.7800 | 0.9000 | +0.1200 |" in text and "| 1 | 0.7800 | 0.8000 |" not in text
+    labeled, bcp, ceiling, budget, _ = bench.figure_series(bench.load_rows(results), {})
+    assert budget == 2000 and [r["dice_mean"] for r in ceiling] == [0.86]
+    assert sorted(r["dice_mean"] for r in labeled) == [0.78, 0.80]  # (a), not L
+    assert sorted(r["dice_mean"] for r in bcp) == [0.83, 0.9]  # default settings only, a run's latest row
+    assert [r["dice_mean"] for r in bench.figure_series(bench.load_rows(results), {"bcp_alpha": 0.3})[1]] == [0.5]
+    assert bench.figure_series([earlier], {})[1:4] == ([earlier], [], 1000)  # before any protocol row
+    bench.figure(args)
+    with open(figure, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_benchmark_continuation_run_trains_missing_labeled_model_first(tmp_path, monkeypatch):
+    """``run --arm bcp_continue`` with a fake nnU-Net: L is trained first, the continuation starts from L's final
+    checkpoint in its own folders, and both rows carry the per-case Dice, seed and iterations."""
+    bench = _load("benchmark_label_scarce")
+    raw, _ = _fake_benchmark_work(str(tmp_path))
+    calls = []
+
+    def fake_sh(cmd, env, log=None):
+        option = dict(zip(cmd, cmd[1:]))
+        subset = load_json(join(env["nnUNet_preprocessed"], "Dataset604_Fake", "bcp_label_subset.json"))
+        calls.append((cmd[0], option.get("-tr"), env["nnUNet_results"], subset["folds"]["0"]["labeled"],
+                      env.get("BENCH_CONTINUE"), json.loads(env["BENCH_SETTINGS"]), option.get("-m")))
+        results = join(env["nnUNet_results"], "Dataset604_Fake", f"{option.get('-tr')}__nnUNetPlans_bs2__3d_fullres")
+        if cmd[0] == "nnUNetv2_train":
+            assert ("--c" in cmd) == bool(env.get("BENCH_CONTINUE"))
+            os.makedirs(join(results, "fold_0"), exist_ok=True)
+            open(join(results, "fold_0", "checkpoint_final.pth"), "w").close()
+            if option["-tr"] == "BenchBCP":
+                save_json({"bcp_alpha": 0.3}, join(results, "fold_0", "bcp_settings.json"))
+        elif cmd[0] == "nnUNetv2_predict":
+            shutil.copytree(join(raw, "labelsTs"), option["-o"])
+
+    def metrics_in_process(folder_ref, folder_pred, output_file, reader, file_ending, labels, num_processes):
+        # nnU-Net's per-case metrics and summary.json, without its process pool (slow to start here)
+        from nnunetv2.evaluation.evaluate_predictions import (compute_metrics, recursive_fix_for_json_export,
+                                                              save_summary_json)
+        per_case = [compute_metrics(join(folder_ref, f), join(folder_pred, f), reader, labels)
+                    for f in sorted(os.listdir(folder_pred))]
+        [recursive_fix_for_json_export(r) for r in per_case]
+        means = {c: {"Dice": float(np.mean([r["metrics"][c]["Dice"] for r in per_case]))} for c in labels}
+        save_summary_json({"metric_per_case": per_case, "mean": means,
+                           "foreground_mean": {"Dice": float(np.mean([m["Dice"] for m in means.values()]))}},
+                          output_file)
+
+    from nnunetv2.evaluation import evaluate_predictions
+    monkeypatch.setattr(evaluate_predictions, "compute_metrics_on_folder", metrics_in_process)
+    monkeypatch.setattr(bench, "sh", fake_sh)
+    args = argparse.Namespace(work_dir=str(tmp_path), arm="bcp_continue", k=2, seed=1, iterations=500,
+                              iterations_per_epoch=25, from_iterations=1000, from_run=None, device="cpu",
+                              bcp=["bcp_alpha=0.3"], bcp_alpha=None, bcp_pretrain_epochs=None, test_images=None,
+                              test_labels=None, results=str(tmp_path / "r.jsonl"))
+    bench.run(args)
+    assert [(c[0], c[1]) for c in calls] == [
+        ("nnUNetv2_train", "BenchLabeled"), ("nnUNetv2_predict", "BenchLabeled"),
+        ("nnUNetv2_bcp_start_from_model", "BenchBCP"), ("nnUNetv2_train", "BenchBCP"), ("nnUNetv2_predict", "BenchBCP")]
+    assert calls[0][2] != calls[2][2] and calls[0][3] == calls[2][3] and len(calls[0][3]) == 2  # seed 1's 2 cases
+    assert calls[0][4] is None and calls[0][5] == {} and calls[2][4] == "1" and calls[2][5] == {"bcp_alpha": 0.3}
+    assert calls[2][6] == join(str(tmp_path), "models", "labeled_k2_s1", "fold_0", "checkpoint_final.pth")
+    labeled, continued = bench.load_rows(args.results)
+    assert labeled["run"] == "labeled_k2_s1" and labeled["from"] is None and labeled["iterations"] == 1000
+    assert continued["run"] == "bcp_continue_k2_s1_it500_alpha=0.3"
+    assert (continued["from"], continued["from_iterations"], continued["iterations"]) == ("labeled_k2_s1", 1000, 500)
+    assert continued["settings"] == {"bcp_alpha": 0.3} and continued["bcp_settings"] == {"bcp_alpha": 0.3}
+    assert continued["dice_per_case"] == {f"case{i}": {"1": 1.0, "2": 1.0} for i in range(3)}
+    assert continued["seed"] == 1 and continued["dice_mean"] == 1.0 and "--bcp bcp_alpha=0.3" in continued["command"]
+    assert bench.model_done(str(tmp_path), "labeled_k2_s1") and bench.model_done(str(tmp_path), continued["run"])
+    assert not os.path.exists(join(str(tmp_path), "runs", continued["run"]))
+
+
+def test_benchmark_protocol_schedules_missing_models_then_both_arms(tmp_path, monkeypatch):
+    bench = _load("benchmark_label_scarce")
+    work = str(tmp_path)
+    os.makedirs(join(work, "models", "labeled_k2_s0", "fold_0"))
+    open(join(work, "models", "labeled_k2_s0", "fold_0", "checkpoint_final.pth"), "w").close()
+    os.makedirs(join(work, "models", "labeled_continue_k2_s0"))
+    save_json({}, join(work, "models", "labeled_continue_k2_s0", "result.json"))  # (a) of seed 0 done before
+    batches = []
+    monkeypatch.setattr(bench, "run_jobs", lambda jobs, n, w: batches.append((n, jobs)) or ["labeled_k2_s2"] * (
+        len(batches) == 1))
+    args = argparse.Namespace(work_dir=work, seeds=[0, 1, 2], k=2, iterations=1000, from_iterations=1000, jobs=3,
+                              device="cuda", bcp=["bcp_labeled_loss_weight=1"], redo=False, results="r.jsonl",
+                              iterations_per_epoch=25, test_images=None, test_labels="/x/labelsTs")
+    with pytest.raises(SystemExit, match="labeled_k2_s2"):
+        bench.protocol(args)
+    (n1, first), (n2, second) = batches
+    assert n1 == n2 == 3 and [name for name, _ in first] == ["labeled_k2_s1", "labeled_k2_s2"]
+    assert [name for name, _ in second] == ["bcp_continue_k2_s0_labeled_loss_weight=1", "labeled_continue_k2_s1",
+                                            "bcp_continue_k2_s1_labeled_loss_weight=1"]  # seed 2's L failed
+    argv = second[0][1]
+    assert argv[argv.index("--arm") + 1] == "bcp_continue" and argv[argv.index("--bcp") + 1] == \
+        "bcp_labeled_loss_weight=1"
+    assert "--bcp" not in second[1][1] and argv[argv.index("--test-labels") + 1] == "/x/labelsTs"
+
+
+def test_benchmark_reader_and_per_case_dice():
+    bench = _load("benchmark_label_scarce")
+    assert type(bench.reader_writer({"overwrite_image_reader_writer": "NibabelIO"})).__name__ == "NibabelIO"
+    assert type(bench.reader_writer({})).__name__ == "SimpleITKIO"
+    summary = {"metric_per_case": [{"reference_file": "/l/hippocampus_001.nii.gz", "metrics": {
+        "1": {"Dice": 0.8, "IoU": 0.7}, "2": {"Dice": 0.6}}}]}
+    assert bench.dice_per_case(summary, ".nii.gz", [1, 2]) == {"hippocampus_001": {"1": 0.8, "2": 0.6}}
+
+
+def test_benchmark_trainers_take_settings_from_the_environment(monkeypatch):
+    bench = _load("benchmark_label_scarce")
+    trainers = {}
+    exec(compile(bench.TRAINERS, "bcp_benchmark_trainers.py", "exec"), trainers)
+    trainer = argparse.Namespace(bcp_alpha=0.5, bcp_teacher_weak_view=False)
+    monkeypatch.setenv("BENCH_SETTINGS", json.dumps({"bcp_alpha": 0.3, "bcp_teacher_weak_view": True}))
+    trainers["_settings"](trainer)
+    assert trainer == argparse.Namespace(bcp_alpha=0.3, bcp_teacher_weak_view=True)
+    monkeypatch.setenv("BENCH_SETTINGS", json.dumps({"bcp_alpah": 0.3}))  # a typo must not pass silently
+    with pytest.raises(AttributeError, match="bcp_alpah"):
+        trainers["_settings"](trainer)
