@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -36,13 +37,13 @@ def test_box_side_is_two_thirds_per_axis(patch):
     assert set(mask.unique().tolist()) == {0.0, 1.0}
 
 
-def test_per_sample_boxes_differ_and_positions_cover_the_patch():
+def test_box_positions_cover_the_patch_uniformly():
     g = torch.Generator().manual_seed(1)
-    mask = random_box_mask((12, 12), batch_size=64, per_sample=True, generator=g)
-    starts = [tuple(box_extent(m)[0]) for m in mask]
-    assert len(set(starts)) > 10
-    # uniform position: every start from 0 to 12 - 8 = 4 appears along each axis
-    assert {s[0] for s in starts} == set(range(5)) and {s[1] for s in starts} == set(range(5))
+    starts = [tuple(box_extent(random_box_mask((12, 12), batch_size=2, generator=g)[0])[0]) for _ in range(200)]
+    # uniform position: every start from 0 to 12 - 8 = 4 appears along each axis, each about equally often
+    for axis in range(2):
+        counts = np.bincount([s[axis] for s in starts], minlength=5)
+        assert len(counts) == 5 and counts.min() > 200 / 5 / 2
 
 
 @pytest.mark.parametrize("patch,stride", [((64, 96), (8, 16)), ((40, 56, 40), (4, 8, 4)), ((32, 32, 32), 16)])
@@ -73,7 +74,7 @@ def test_bad_arguments_are_refused():
         random_box_mask((32, 32), 2, stride=(4, 4, 4))
 
 
-def test_mask_on_requested_device_and_reproducible():
-    a = random_box_mask((16, 16, 16), 2, generator=torch.Generator().manual_seed(5), device="cpu")
-    b = random_box_mask((16, 16, 16), 2, generator=torch.Generator().manual_seed(5), device="cpu")
+def test_mask_is_reproducible_with_a_generator():
+    a = random_box_mask((16, 16, 16), 2, generator=torch.Generator().manual_seed(5))
+    b = random_box_mask((16, 16, 16), 2, generator=torch.Generator().manual_seed(5))
     assert torch.equal(a, b) and a.dtype == torch.float32

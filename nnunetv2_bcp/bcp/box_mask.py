@@ -47,19 +47,18 @@ def render_box_mask(patch_shape: Sequence[int], starts: torch.Tensor, size: Sequ
 
 
 def random_box_mask(patch_shape: Sequence[int], batch_size: int, ratio: float = 2 / 3, stride: IntOrSeq = 1,
-                    per_sample: bool = False, generator: Optional[torch.Generator] = None,
+                    generator: Optional[torch.Generator] = None,
                     device: Union[str, torch.device, None] = None) -> torch.Tensor:
     """BCP's mask ``M`` as a float tensor (batch_size, 1, *patch_shape): 0 inside the box, 1 outside.
 
     The box side is ``ratio`` times the patch side along every axis; its position is uniform. With ``stride``
     (the coarsest deep-supervision downsampling factor per axis) the box edges sit on multiples of the stride,
-    so :func:`downsample_mask` is exact at every deep-supervision scale. ``per_sample=False`` (the paper's
-    choice) draws one box for the whole batch.
+    so :func:`downsample_mask` is exact at every deep-supervision scale. As in the reference code, one box is
+    drawn for the whole batch.
     """
     size = box_size(patch_shape, ratio, stride)
-    starts = sample_box_starts(patch_shape, size, batch_size if per_sample else 1, stride, generator)
-    mask = render_box_mask(patch_shape, starts, size, device)
-    return mask if per_sample else mask.expand(batch_size, *mask.shape[1:])
+    mask = render_box_mask(patch_shape, sample_box_starts(patch_shape, size, 1, stride, generator), size, device)
+    return mask.expand(batch_size, *mask.shape[1:])
 
 
 def downsample_mask(mask: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

@@ -12,11 +12,6 @@ def unwrap_network(network: nn.Module) -> nn.Module:
     return network
 
 
-def ema(teacher: torch.Tensor, student: torch.Tensor, decay: float) -> torch.Tensor:
-    """``decay * teacher + (1 - decay) * student`` in the teacher's dtype."""
-    return decay * teacher + (1 - decay) * student.to(teacher.dtype)
-
-
 @torch.no_grad()
 def ema_update_(teacher: nn.Module, student: nn.Module, decay: float) -> None:
     """In-place EMA of every floating-point parameter and buffer of ``student`` into ``teacher``.

@@ -2,23 +2,27 @@
 
 Pairing inside a batch of B labeled and B unlabeled patches: mixed sample ``k`` is built from labeled
 patch ``k`` and unlabeled patch ``k``, so the student sees B mixed patches, as many as nnU-Net loads.
-The first ``n_in`` samples are ``X^in`` (labeled image outside the box, unlabeled box pasted in), the rest
-are ``X^out`` (unlabeled image outside, labeled box pasted in); see :func:`inward_directions`.
+Half of the samples, drawn at random every step, are ``X^in`` (labeled image outside the box, unlabeled box
+pasted in), the others ``X^out`` (unlabeled image outside, labeled box pasted in); see :func:`inward_directions`.
 """
+from typing import Optional
+
 import torch
 
 
-def inward_directions(batch_size: int, step: int = 0, device=None) -> torch.Tensor:
-    """Bool (B,): True for ``X^in`` samples, False for ``X^out``.
+def inward_directions(batch_size: int, generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
+    """Bool (B,): True for ``X^in`` samples, False for ``X^out``, drawn at random.
 
-    Half of the batch goes each way. For an odd batch size the spare sample alternates with ``step``
-    (the iteration counter), so over two iterations both directions get the same number of samples;
-    batch size 1 alternates between ``X^in`` and ``X^out``.
+    Half of the batch goes each way; for an odd batch size a fair coin gives the spare sample to one direction
+    (batch size 1: ``X^in`` or ``X^out``). Which samples go in is a random permutation: nnU-Net's loader puts
+    its foreground-forced patches at the end of every batch, and a fixed order would always put them in the same
+    direction (e.g. with batch size 2 the forced patch would always be ``X^out``, keeping only its box).
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    num_in = (batch_size + 1 - step % 2) // 2
-    return torch.arange(batch_size, device=device) < num_in
+    num_in = batch_size // 2 + int(batch_size % 2 and torch.randint(0, 2, (1,), generator=generator).item())
+    order = torch.randperm(batch_size, generator=generator)
+    return (order < num_in).to(device)
 
 
 def labeled_origin(mask: torch.Tensor, inward: torch.Tensor) -> torch.Tensor:
@@ -39,11 +43,6 @@ def mix_by_origin(labeled: torch.Tensor, unlabeled: torch.Tensor, from_labeled: 
     broadcasts over channels) and keeps the dtype of ``labeled``.
     """
     return torch.where(from_labeled, labeled, unlabeled.to(labeled.dtype))
-
-
-def origin_weights(from_labeled: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Per-voxel loss weight: 1 for voxels from a labeled image, ``alpha`` for voxels from an unlabeled one."""
-    return torch.where(from_labeled, 1.0, float(alpha)).to(torch.float32)
 
 
 def copy_paste(outer: torch.Tensor, inner: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
