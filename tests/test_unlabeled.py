@@ -16,7 +16,7 @@ from batchgenerators.utilities.file_and_folder_operations import join, load_json
 from conftest import run_cli
 from nnunetv2_bcp.unlabeled.label_subset import LABEL_SUBSET_FILE, choose_label_subset, load_label_subset
 from nnunetv2_bcp.unlabeled.preprocess import (MANIFEST_FILE, collect_unlabeled_sources, preprocess_unlabeled,
-                                               unlabeled_data_folder)
+                                               unlabeled_cases_for_training, unlabeled_data_folder)
 from nnunetv2_bcp.unlabeled.raw import UnlabeledDataError
 
 
@@ -154,7 +154,7 @@ def test_channel_geometry_mismatch_is_reported(dataset_copy, tmp_path):
         shutil.copy(join(folder, f), join(folder, f.replace("_0000", "_0001")))
     _write_image(join(folder, "unl_000_0001.nii.gz"), np.zeros((32, 32, 32), np.float32), (2.0, 1.0, 1.0))
     with pytest.raises(UnlabeledDataError, match=r"unl_000_0001.nii.gz: spacing .* differs from channel 0"):
-        collect_unlabeled_sources(ds["raw"], ds["dataset_json"], None)
+        collect_unlabeled_sources(ds["raw"], ds["dataset_json"])
 
 
 def test_label_subset_choice_is_seeded_and_checked():
@@ -187,23 +187,76 @@ def test_label_subset_command_and_dropped_labels_never_opened(dataset_copy, monk
     run_cli("nnUNetv2_bcp_label_subset", "-d", "990", "--remove")
     assert not os.path.exists(subset_file)
     # in the private copy: a subset whose dropped cases have destroyed labels (raw and preprocessed)
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunetv2_bcp.unlabeled import loader
     shutil.copy(join(pre_root, "Dataset990_BCPSynthetic", "splits_final.json"), ds["preprocessed"])
     ids = [f"case_{i:03d}" for i in range(6)]
     subset = choose_label_subset(ids, splits, num_labeled=2, seed=3)
     save_json(subset, join(ds["preprocessed"], LABEL_SUBSET_FILE))
     dropped = subset["folds"]["0"]["unlabeled"]
+    nnunet_folder = join(ds["preprocessed"], "nnUNetPlans_3d_fullres")
+    images = {c: blosc2.open(join(nnunet_folder, c + ".b2nd"), mode="r")[:] for c in dropped}
     for case in {c for f in subset["folds"].values() for c in f["unlabeled"]}:
         with open(join(ds["raw"], "labelsTr", case + ".nii.gz"), "wb") as f:
             f.write(b"destroyed")
-        os.remove(join(ds["preprocessed"], "nnUNetPlans_3d_fullres", case + "_seg.b2nd"))
+        os.remove(join(nnunet_folder, case + "_seg.b2nd"))
+        with open(join(nnunet_folder, case + ".pkl"), "wb") as f:  # holds the label's class_locations
+            f.write(b"destroyed")
+    # preprocessing makes no second copy of them: only imagesUnlabeled is preprocessed
     folder = _run(ds)
-    cases = load_json(join(folder, MANIFEST_FILE))["cases"]
-    dropped_somewhere = {c for f in subset["folds"].values() for c in f["unlabeled"]}
-    assert set(cases) == dropped_somewhere | {f"unl_{i:03d}" for i in range(4)} and set(dropped) <= set(cases)
-    for case in dropped:
-        seg = blosc2.open(join(folder, case + "_seg.b2nd"), mode="r")[:]
-        assert set(np.unique(seg)) <= {-1, 0}
+    assert sorted(load_json(join(folder, MANIFEST_FILE))["cases"]) == [f"unl_{i:03d}" for i in range(4)]
     assert load_label_subset(ds["preprocessed"], ids)["folds"]["0"]["unlabeled"] == dropped
+    # the stream's dataset reads their images in place and opens nothing else of them
+    opened = []
+    for module, name in ((loader.blosc2, "open"), (loader.np, "load")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, **k: opened.append(k.get("urlpath", a[0] if a
+                                                                                        else None)) or _real(*a, **k))
+    monkeypatch.setattr(loader, "load_pickle", lambda path: opened.append(path) or load_pickle(path), raising=False)
+    pm = PlansManager(ds["plans"])
+    dataset = loader.UnlabeledDataset(folder, ["unl_000"], nnunet_folder, dropped,
+                                      pm.get_label_manager(ds["dataset_json"]), [False])
+    assert dataset.identifiers == sorted(["unl_000"] + dropped)
+    for case in dropped:
+        data, seg, seg_prev, properties = dataset.load_case(case)
+        np.testing.assert_array_equal(data[:], images[case])
+        assert seg.shape == (1, *images[case].shape[1:]) and seg_prev is None
+        assert not seg[(slice(None), slice(0, 5), slice(2, 9), slice(None))].any()  # no mask-normalised channel
+        assert all(len(v) == 0 for v in properties["class_locations"].values())
+    assert opened and all(p == join(nnunet_folder, c + ".b2nd") for p, c in zip(opened, dropped))
+    # through nnU-Net's loader and augmentation: batches of the label-dropped cases, no label touched
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    cm = pm.get_configuration("3d_fullres")
+    transforms = nnUNetTrainer.get_training_transforms(cm.patch_size, (-0.5, 0.5), None, (0, 1, 2), False)
+    dropped_only = loader.UnlabeledDataset(folder, [], nnunet_folder, dropped, pm.get_label_manager(ds["dataset_json"]))
+    batch = next(loader.make_unlabeled_stream(dropped_only, 4, cm.patch_size, cm.patch_size,
+                                              pm.get_label_manager(ds["dataset_json"]), transforms, num_processes=0))
+    assert set(batch["keys"]) <= set(dropped) and torch.isfinite(batch["data"]).all()
+    assert not any("_seg" in str(p) or str(p).endswith(".pkl") for p in opened)
+
+
+def test_nonzero_mask_of_image_matches_nnunet_preprocessing():
+    """For label-dropped cases the seg channel is made from nnU-Net's image: -1 where every channel normalised
+    within the nonzero mask is 0, which is where nnU-Net's preprocessing writes -1 (no resampling here)."""
+    from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
+    from nnunetv2.preprocessing.normalization.default_normalization_schemes import ZScoreNormalization
+    from nnunetv2_bcp.unlabeled.loader import NonzeroMaskOfImage
+    rng = np.random.default_rng(0)
+    z, y, x = np.mgrid[:20, :30, :26]
+    inside = ((z - 10) / 9) ** 2 + ((y - 15) / 13) ** 2 + ((x - 12) / 11) ** 2 < 1
+    image = np.stack([np.where(inside, rng.normal(5, 1, inside.shape), 0),     # normalised within the mask
+                      np.where(inside, rng.normal(100, 9, inside.shape), 0)])  # normalised everywhere
+    data, seg, _ = crop_to_nonzero(image.astype(np.float32), None)
+    data[0] = ZScoreNormalization(use_mask_for_norm=True, intensityproperties={}).run(data[0], seg[0])
+    data[1] = ZScoreNormalization(use_mask_for_norm=False, intensityproperties={}).run(data[1], seg[0])
+    assert (seg < 0).any() and (seg == 0).any()
+    mask = NonzeroMaskOfImage(data, [0])
+    assert mask.shape == seg.shape
+    np.testing.assert_array_equal(mask[(slice(None), slice(None), slice(None), slice(None))], seg)
+    window = (slice(None), slice(2, 9), slice(0, 30), slice(5, 6))
+    np.testing.assert_array_equal(mask[window], seg[window])
+    without = NonzeroMaskOfImage(data, [])[window]  # no channel normalised within the mask: nothing to mask
+    assert without.shape == seg[window].shape and not without.any()
 
 
 def test_label_subset_file_naming_unknown_cases_is_refused(dataset_copy):
@@ -211,14 +264,14 @@ def test_label_subset_file_naming_unknown_cases_is_refused(dataset_copy):
     save_json({"folds": {"0": {"labeled": ["case_000", "ghost_1"], "unlabeled": []}}},
               join(ds["preprocessed"], LABEL_SUBSET_FILE))
     with pytest.raises(UnlabeledDataError, match="fold 0 names cases that are not training cases.*ghost_1"):
-        _run(ds)
+        load_label_subset(ds["preprocessed"], [f"case_{i:03d}" for i in range(6)])
 
 
 def test_stream_yields_augmented_batches(dataset_copy):
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from nnunetv2_bcp.unlabeled.loader import make_unlabeled_stream, shutdown_stream, split_augmentation_workers
+    from nnunetv2_bcp.unlabeled.loader import make_unlabeled_stream, shutdown_stream, unlabeled_augmentation_workers
     ds = dataset_copy
     # an unlabeled image smaller than the patch is padded, as nnU-Net pads small training images
     _write_image(join(ds["raw"], "imagesUnlabeled", "small_000_0000.nii.gz"),
@@ -245,8 +298,7 @@ def test_stream_yields_augmented_batches(dataset_copy):
     small = make_unlabeled_stream(nnUNetDatasetBlosc2(folder, ["small_000"]), 2, [40, 40, 40], cm.patch_size, lm,
                                   transforms, num_processes=0)
     assert next(small)["data"].shape == (2, 1, *cm.patch_size)  # smaller than the patch: padded
-    assert split_augmentation_workers(0) == (0, 0) and split_augmentation_workers(1) == (1, 1)
-    assert split_augmentation_workers(5) == (3, 2) and split_augmentation_workers(12) == (6, 6)
+    assert [unlabeled_augmentation_workers(n) for n in (0, 1, 2, 5, 12)] == [0, 1, 1, 2, 6]
 
 
 def test_console_command_preprocesses_and_rejects_bad_dataset(synthetic_3d):
@@ -264,7 +316,8 @@ def test_preprocessing_killed_midway_finishes_cleanly(synthetic_3d, tmp_path):
     raw = join(roots["nnUNet_raw"], "Dataset990_BCPSynthetic")
     shutil.copytree(synthetic_3d["raw"], raw)
     shutil.copytree(synthetic_3d["preprocessed"], join(roots["nnUNet_preprocessed"], "Dataset990_BCPSynthetic"))
-    for i in range(4, 16):
+    total = 40  # enough that the kill, at the first finished case, comes with most of them still to do
+    for i in range(4, total):
         shutil.copy(join(raw, "imagesUnlabeled", f"unl_{i % 4:03d}_0000.nii.gz"),
                     join(raw, "imagesUnlabeled", f"unl_{i:03d}_0000.nii.gz"))
     env = dict(os.environ, **roots)
@@ -273,22 +326,104 @@ def test_preprocessing_killed_midway_finishes_cleanly(synthetic_3d, tmp_path):
     folder = join(roots["nnUNet_preprocessed"], "Dataset990_BCPSynthetic", "nnUNetPlans_3d_fullres_unlabeled")
     process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
+    started_cases, running_at_kill = False, False
     try:
         deadline = time.time() + 120
-        while time.time() < deadline:
+        while time.time() < deadline and not started_cases:
             manifest = join(folder, MANIFEST_FILE)
-            if os.path.isfile(manifest) and len(load_json(manifest)["cases"]) >= 2:
-                break
-            time.sleep(0.05)
+            started_cases = os.path.isfile(manifest) and len(load_json(manifest)["cases"]) >= 1
+            time.sleep(0.01)
+        running_at_kill = process.poll() is None
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     done_before = len(load_json(join(folder, MANIFEST_FILE))["cases"])
+    # the kill came mid-way: some cases done, the others not, and not because the deadline ran out
+    assert started_cases and running_at_kill and 0 < done_before < total, (started_cases, running_at_kill,
+                                                                            done_before)
     result = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert f"{done_before} of 16 cases up to date" in result.stdout
+    assert f"{done_before} of {total} cases up to date" in result.stdout
     cases = load_json(join(folder, MANIFEST_FILE))["cases"]
-    assert len(cases) == 16 and not [f for f in os.listdir(folder) if f.startswith(".tmp_")]
+    assert len(cases) == total and not [f for f in os.listdir(folder) if f.startswith(".tmp_")]
     for case in cases:  # every case complete and readable
         assert blosc2.open(join(folder, case + ".b2nd"), mode="r")[:].shape[0] == 1
         assert load_pickle(join(folder, case + ".pkl"))["class_locations"] is not None
+
+
+@pytest.fixture
+def preprocessed_only(synthetic_3d, tmp_path, monkeypatch):
+    """nnU-Net's folders as on a cluster node: nnUNet_preprocessed (with the unlabeled cases preprocessed), no
+    nnUNet_raw."""
+    pre = join(str(tmp_path / "nnUNet_preprocessed"), "Dataset990_BCPSynthetic")
+    shutil.copytree(synthetic_3d["preprocessed"], pre)
+    plans, dataset_json = _inputs(synthetic_3d)
+    preprocess_unlabeled(plans, "3d_fullres", dataset_json, synthetic_3d["raw"], pre, num_processes=1, verbose=False)
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "nnUNet_preprocessed"))
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "nnUNet_results"))
+    monkeypatch.delenv("nnUNet_raw")
+    return {"preprocessed": pre, "plans": plans, "dataset_json": dataset_json}
+
+
+def _trainer(ds):
+    from nnunetv2_bcp import nnUNetTrainerBCP
+    trainer = nnUNetTrainerBCP(dict(ds["plans"], continue_training=False), "3d_fullres", 0, ds["dataset_json"],
+                               torch.device("cpu"))
+    trainer.initialize()
+    log = []
+    trainer.print_to_log_file = lambda *args, **kwargs: log.append(" ".join(str(a) for a in args))
+    return trainer, log
+
+
+def test_training_without_nnunet_raw_uses_the_manifest(preprocessed_only, monkeypatch):
+    from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+    from nnunetv2_bcp.unlabeled import preprocess
+    from nnunetv2_bcp.unlabeled.loader import shutdown_stream
+    ds = preprocessed_only
+    monkeypatch.setattr(preprocess, "preprocess_unlabeled", lambda *a, **k: pytest.fail("needs nnUNet_raw"))
+    # nnU-Net's labeled loaders get nnU-Net's whole worker budget (stage 1 runs as nnU-Net does)
+    workers_seen = []
+    monkeypatch.setattr(nnUNetTrainer, "get_dataloaders",
+                        lambda self: workers_seen.append(get_allowed_n_proc_DA()) or (None, None))
+    monkeypatch.setenv("nnUNet_n_proc_DA", "2")  # nnU-Net caps it at the CPU count: keep within 2 CPUs
+    trainer, log = _trainer(ds)
+    trainer.get_dataloaders()
+    stream = trainer.dataloader_unlabeled
+    try:
+        assert workers_seen == [2]
+        # the unlabeled stream has half of it, and its workers are not started before its first (stage-2) batch
+        assert isinstance(stream, NonDetMultiThreadedAugmenter) and stream.num_processes == 1
+        assert not stream.initialized and not stream._processes
+        assert any("not found: training with the 4 unlabeled cases preprocessed in" in line for line in log)
+        assert any("BCP unlabeled stream: 4 cases" in line for line in log)
+        batch = next(stream)
+        assert set(batch["keys"]) <= {f"unl_{i:03d}" for i in range(4)}
+        # no deep-supervision targets: one tensor (the nonzero mask after augmentation), not one per scale
+        assert isinstance(batch["target"], torch.Tensor)
+        assert batch["target"].shape == (trainer.batch_size, 1, *trainer.configuration_manager.patch_size)
+    finally:
+        shutdown_stream(stream)
+    # data made with other plans cannot be redone without the raw images: refused, naming the reason
+    trainer.plans_manager.plans["configurations"]["3d_fullres"]["normalization_schemes"] = ["NoNormalization"]
+    with pytest.raises(SystemExit, match="preprocessed with other plans.*raw images are not here"):
+        trainer.get_dataloaders()
+    # neither raw images nor a manifest: today's message
+    shutil.rmtree(join(ds["preprocessed"], "nnUNetPlans_3d_fullres_unlabeled"))
+    with pytest.raises(SystemExit, match="needs unlabeled images and found none.*nnUNet_raw is not set"):
+        trainer.get_dataloaders()
+
+
+def test_raw_folder_without_unlabeled_images_uses_the_manifest(dataset_copy):
+    ds = dataset_copy
+    folder = _run(ds)
+    shutil.rmtree(join(ds["raw"], "imagesUnlabeled"))  # e.g. only imagesTr/labelsTr copied to this node
+    log = []
+    found = unlabeled_cases_for_training(ds["plans"], "3d_fullres", ds["dataset_json"], ds["raw"],
+                                         ds["preprocessed"], log=log.append)
+    assert found == (folder, [f"unl_{i:03d}" for i in range(4)])
+    assert len(log) == 1 and join(ds["raw"], "imagesUnlabeled") + " not found" in log[0]
+    os.remove(join(folder, "unl_002.pkl"))
+    with pytest.raises(UnlabeledDataError, match="unl_002: files missing"):
+        unlabeled_cases_for_training(ds["plans"], "3d_fullres", ds["dataset_json"], ds["raw"], ds["preprocessed"])

@@ -6,7 +6,7 @@ unlabeled stream, the EMA teacher, the copy-paste mixing and the α-weighted los
 """
 import copy
 import os
-from typing import List
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -21,9 +21,10 @@ from nnunetv2_bcp.bcp import (BCPRegionLoss, bcp_total, copy_paste, downsample_m
                               keep_largest_component, labeled_origin, labeled_partner, mix_by_origin, pseudo_labels,
                               random_box_mask, unwrap_network)
 from nnunetv2_bcp.unlabeled.label_subset import fold_subset, label_subset_path, load_label_subset
-from nnunetv2_bcp.unlabeled.loader import make_unlabeled_stream, n_proc_da, shutdown_stream, split_augmentation_workers
-from nnunetv2_bcp.unlabeled.preprocess import preprocess_unlabeled
-from nnunetv2_bcp.unlabeled.raw import UNLABELED_FOLDER, UnlabeledDataError, find_unlabeled_cases
+from nnunetv2_bcp.unlabeled.loader import (UnlabeledDataset, make_unlabeled_stream, shutdown_stream,
+                                           unlabeled_augmentation_workers)
+from nnunetv2_bcp.unlabeled.preprocess import unlabeled_cases_for_training
+from nnunetv2_bcp.unlabeled.raw import UNLABELED_FOLDER, UnlabeledDataError
 
 # Share of the schedule spent in stage 1. The reference code pre-trains 10k of 40k iterations on ACDC (25%) and
 # 2k of 17k on LA (12%); 20% of nnU-Net's 1000 epochs (200) lies between the two.
@@ -132,53 +133,60 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
             return (1,) * len(self.configuration_manager.patch_size)
         return tuple(int(round(1 / s)) for s in scales[-1])
 
-    def _raw_dataset_folder(self) -> str:
-        if not nnUNet_raw.is_set():
-            raise UnlabeledDataError("nnUNet_raw is not set: BCP reads the unlabeled images from "
-                                     f"nnUNet_raw/{self.plans_manager.dataset_name}/{UNLABELED_FOLDER}")
-        return join(nnUNet_raw, self.plans_manager.dataset_name)
+    def _raw_dataset_folder(self) -> Optional[str]:
+        """``nnUNet_raw/DatasetXXX``, or None where nnUNet_raw is not set (training needs only nnUNet_preprocessed
+        once the unlabeled images are preprocessed)."""
+        return join(nnUNet_raw, self.plans_manager.dataset_name) if nnUNet_raw.is_set() else None
 
-    def _unlabeled_keys(self) -> List[str]:
+    def _unlabeled_keys(self) -> Tuple[str, List[str], List[str]]:
+        """The unlabeled cases of this fold: (folder of the preprocessed ``imagesUnlabeled`` cases, their keys, the
+        fold's training cases whose labels the label subset drops, read from nnU-Net's own preprocessed folder).
+        Brings the preprocessed unlabeled data up to date where the raw images are there."""
         raw = self._raw_dataset_folder()
-        keys = list(find_unlabeled_cases(raw, self.dataset_json))
+        folder, keys = unlabeled_cases_for_training(
+            self.plans_manager.plans, self.configuration_name, self.dataset_json, raw,
+            self.preprocessed_dataset_folder_base, num_processes=max(1, get_allowed_n_proc_DA()),
+            verbose=self.local_rank == 0, log=self.print_to_log_file)
+        # manifests written before label-dropped cases were read in place also list those: they come from the subset
+        training = set(self.dataset_class.get_identifiers(self.preprocessed_dataset_folder))
+        keys = [k for k in keys if k not in training]
         subset = self._label_subset_of_fold()
-        if subset is not None:
-            keys += subset["unlabeled"]
-        if not keys:
+        label_dropped = subset["unlabeled"] if subset is not None else []
+        if not keys and not label_dropped:
+            where = join(raw or f"nnUNet_raw/{self.plans_manager.dataset_name}", UNLABELED_FOLDER) + \
+                ("" if raw else " (nnUNet_raw is not set)")
             raise UnlabeledDataError(
                 f"{self.__class__.__name__} needs unlabeled images and found none. Put them in "
-                f"{join(raw, UNLABELED_FOLDER)}, named like imagesTr (CASE_0000{self.dataset_json['file_ending']}, "
+                f"{where}, named like imagesTr (CASE_0000{self.dataset_json['file_ending']}, "
                 f"one file per channel), or simulate label scarcity with "
                 f"'nnUNetv2_bcp_label_subset -d {self.plans_manager.dataset_name} -k K'.")
-        return sorted(keys)
+        return folder, sorted(keys), sorted(label_dropped)
 
     def get_dataloaders(self):
-        """nnU-Net's labeled loaders plus the unlabeled stream, sharing ``nnUNet_n_proc_DA`` between them."""
+        """nnU-Net's labeled loaders, with nnU-Net's own worker count, plus the unlabeled stream, whose workers start
+        at its first batch (stage 2) and then share the CPUs (see ``unlabeled_augmentation_workers``)."""
         try:
-            keys = self._unlabeled_keys()
-            folder = preprocess_unlabeled(self.plans_manager.plans, self.configuration_name, self.dataset_json,
-                                          self._raw_dataset_folder(), self.preprocessed_dataset_folder_base,
-                                          num_processes=max(1, get_allowed_n_proc_DA()),
-                                          verbose=self.local_rank == 0)
-            workers_labeled, workers_unlabeled = split_augmentation_workers(get_allowed_n_proc_DA())
-            with n_proc_da(workers_labeled):
-                dataloader_train, dataloader_val = super().get_dataloaders()
+            folder, keys, label_dropped = self._unlabeled_keys()
         except UnlabeledDataError as e:
             raise SystemExit(f"ERROR ({self.__class__.__name__}): {e}")
+        dataloader_train, dataloader_val = super().get_dataloaders()
         rotation, dummy_2d, initial_patch_size, mirror_axes = \
             self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        # no deep-supervision targets and no regions: the stream's target (the nonzero mask) only serves the
+        # transforms' own masking; BCP's unlabeled targets are the teacher's pseudo-labels
         transforms = self.get_training_transforms(
-            self.configuration_manager.patch_size, rotation, self._get_deep_supervision_scales(), mirror_axes,
-            dummy_2d, use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=False,
-            foreground_labels=self.label_manager.foreground_labels,
-            regions=self.label_manager.foreground_regions if self.label_manager.has_regions else None,
-            ignore_label=self.label_manager.ignore_label)
+            self.configuration_manager.patch_size, rotation, None, mirror_axes, dummy_2d,
+            use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=False)
+        dataset = UnlabeledDataset(folder, keys, self.preprocessed_dataset_folder, label_dropped, self.label_manager,
+                                   self.configuration_manager.use_mask_for_norm)
+        workers = unlabeled_augmentation_workers(get_allowed_n_proc_DA())
         self.dataloader_unlabeled = make_unlabeled_stream(
-            self.dataset_class(folder, keys), self.batch_size, initial_patch_size,
-            self.configuration_manager.patch_size, self.label_manager, transforms, workers_unlabeled,
-            pin_memory=self.device.type == 'cuda')
-        self.print_to_log_file(f"BCP unlabeled stream: {len(keys)} cases, {workers_unlabeled} augmentation "
-                               f"worker(s); labeled stream: {workers_labeled}")
+            dataset, self.batch_size, initial_patch_size, self.configuration_manager.patch_size, self.label_manager,
+            transforms, workers, pin_memory=self.device.type == 'cuda')
+        self.print_to_log_file(f"BCP unlabeled stream: {len(dataset.identifiers)} cases ({len(keys)} from "
+                               f"{UNLABELED_FOLDER}, {len(label_dropped)} label-dropped training cases read from "
+                               f"nnU-Net's preprocessed folder), {workers} augmentation worker(s) from stage 2 on; "
+                               f"labeled stream: nnU-Net's {get_allowed_n_proc_DA()}")
         return dataloader_train, dataloader_val
 
     def on_train_start(self):

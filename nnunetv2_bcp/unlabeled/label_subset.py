@@ -5,8 +5,8 @@ Stored as ``nnUNet_preprocessed/DatasetXXX/bcp_label_subset.json`` next to nnU-N
     {"num_labeled": 4, "seed": 0, "folds": {"0": {"labeled": [...], "unlabeled": [...]}, ..., "all": {...}}}
 
 nnU-Net's validation split is not touched: the subset only decides which of a fold's *training* cases keep
-their label. The label-dropped cases join the unlabeled stream through their images only (their label files
-are never opened).
+their label. The label-dropped cases join the unlabeled stream through nnU-Net's preprocessed images only, read
+in place (their label files and ``class_locations`` are never opened).
 """
 import argparse
 import os
@@ -96,13 +96,6 @@ def fold_subset(subset: Optional[dict], fold, path: str) -> Optional[Dict[str, L
         raise UnlabeledDataError(f"{path} has no entry for fold {fold} (it has {sorted(subset['folds'])}); "
                                  f"recreate it with nnUNetv2_bcp_label_subset")
     return subset["folds"][str(fold)]
-
-
-def all_label_dropped_cases(subset: Optional[dict]) -> List[str]:
-    """Every case that is unlabeled in at least one fold (these are preprocessed for the unlabeled stream)."""
-    if subset is None:
-        return []
-    return sorted({c for entry in subset["folds"].values() for c in entry["unlabeled"]})
 
 
 def main(argv=None):

@@ -1,10 +1,14 @@
 """Preprocess unlabeled images with the configuration's own nnU-Net preprocessor, plans and dataset.json.
 
-Output: ``nnUNet_preprocessed/DatasetXXX/{data_identifier}_unlabeled/`` (beside, never inside, nnU-Net's folder),
-in nnU-Net's blosc2 format (``.b2nd``, ``_seg.b2nd`` holding only the nonzero mask 0/-1, ``.pkl``) so that
-nnU-Net's dataset classes read it. ``bcp_unlabeled.json`` records what the data was made from; data made with
-other plans or from changed images is stale and redone. Each case is written atomically, so an interrupted run
-resumes where it stopped, and a lock lets several trainings (folds) start at once.
+Input: ``nnUNet_raw/DatasetXXX/imagesUnlabeled``. Output: ``nnUNet_preprocessed/DatasetXXX/{data_identifier}_unlabeled/``
+(beside, never inside, nnU-Net's folder), in nnU-Net's blosc2 format (``.b2nd``, ``_seg.b2nd`` holding only the
+nonzero mask 0/-1, ``.pkl``) so that nnU-Net's dataset classes read it. ``bcp_unlabeled.json`` records what the data
+was made from; data made with other plans or from changed images is stale and redone. Each case is written
+atomically, so an interrupted run resumes where it stopped, and a lock lets several trainings (folds) start at once.
+Training needs only ``nnUNet_preprocessed`` once this is done (:func:`unlabeled_cases_for_training`).
+
+Training cases whose labels a label subset drops are not preprocessed here: nnU-Net's own preprocessed image of
+such a case is the one we would make, so the stream reads it in place (:class:`~nnunetv2_bcp.unlabeled.loader.UnlabeledDataset`).
 """
 import argparse
 import hashlib
@@ -14,15 +18,15 @@ import os
 import shutil
 from contextlib import contextmanager
 from importlib.metadata import version
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json, maybe_mkdir_p
 from tqdm import tqdm
 
-from nnunetv2_bcp.unlabeled.label_subset import all_label_dropped_cases, load_label_subset
-from nnunetv2_bcp.unlabeled.raw import (UnlabeledDataError, check_image_file, check_unlabeled_images,
-                                        find_unlabeled_cases, raise_problems, training_image_ndim)
+from nnunetv2_bcp.unlabeled.raw import (UNLABELED_FOLDER, UnlabeledDataError, check_image_file,
+                                        check_unlabeled_images, find_unlabeled_cases, raise_problems,
+                                        training_image_ndim)
 
 MANIFEST_FILE = "bcp_unlabeled.json"
 FORMAT_VERSION = 1
@@ -33,10 +37,8 @@ def unlabeled_data_folder(preprocessed_dataset_folder: str, data_identifier: str
     return join(preprocessed_dataset_folder, data_identifier + "_unlabeled")
 
 
-def collect_unlabeled_sources(raw_dataset_folder: str, dataset_json: dict,
-                              label_subset: Optional[dict]) -> Dict[str, List[str]]:
-    """Case -> image files of everything the unlabeled stream may use: ``imagesUnlabeled`` plus the training
-    cases whose labels a label subset drops (their images only). Validated before anything is computed."""
+def collect_unlabeled_sources(raw_dataset_folder: str, dataset_json: dict) -> Dict[str, List[str]]:
+    """Case -> image files of ``imagesUnlabeled``, validated before anything is computed."""
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
     training = get_filenames_of_train_images_and_targets(raw_dataset_folder, dataset_json)
     unlabeled = find_unlabeled_cases(raw_dataset_folder, dataset_json)
@@ -44,10 +46,7 @@ def collect_unlabeled_sources(raw_dataset_folder: str, dataset_json: dict,
                     for c in sorted(set(unlabeled) & set(training))],
                    "Unlabeled case names must differ from training case names")
     check_unlabeled_images(unlabeled, training_image_ndim(training))
-    sources = dict(unlabeled)
-    for case in all_label_dropped_cases(label_subset):
-        sources[case] = training[case]["images"]
-    return sources
+    return unlabeled
 
 
 def _sha(obj) -> str:
@@ -172,10 +171,7 @@ def preprocess_unlabeled(plans: dict, configuration: str, dataset_json: dict, ra
     processes at once. Raises :class:`UnlabeledDataError` naming the files on bad input.
     """
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
-    training_ids = list(get_filenames_of_train_images_and_targets(raw_dataset_folder, dataset_json).keys())
-    subset = load_label_subset(preprocessed_dataset_folder, training_ids)
-    sources = collect_unlabeled_sources(raw_dataset_folder, dataset_json, subset)
+    sources = collect_unlabeled_sources(raw_dataset_folder, dataset_json)
     data_identifier = PlansManager(plans).get_configuration(configuration).data_identifier
     output_folder = unlabeled_data_folder(preprocessed_dataset_folder, data_identifier)
     maybe_mkdir_p(output_folder)
@@ -222,6 +218,55 @@ def preprocess_unlabeled(plans: dict, configuration: str, dataset_json: dict, ra
         raise_problems(errors, f"{len(errors)} unlabeled case(s) could not be preprocessed (the other cases are "
                                f"saved; rerunning redoes only what is missing)")
     return output_folder
+
+
+def preprocessed_unlabeled_cases(plans: dict, configuration: str, dataset_json: dict,
+                                 preprocessed_dataset_folder: str) -> Optional[Tuple[str, List[str]]]:
+    """``(folder, cases)`` as recorded in the manifest, without ``nnUNet_raw``; None if there is no manifest.
+    Raises :class:`UnlabeledDataError` if the data was made with other plans/dataset.json or files are missing:
+    that cannot be redone without the raw images."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    data_identifier = PlansManager(plans).get_configuration(configuration).data_identifier
+    folder = unlabeled_data_folder(preprocessed_dataset_folder, data_identifier)
+    manifest_path = join(folder, MANIFEST_FILE)
+    if not isfile(manifest_path):
+        return None
+    manifest = load_json(manifest_path)
+    redo = (f"; rerun nnUNetv2_bcp_preprocess_unlabeled (or the training) where nnUNet_raw/"
+            f"{os.path.basename(preprocessed_dataset_folder)}/{UNLABELED_FOLDER} is available")
+    if manifest.get("fingerprint") != config_fingerprint(plans, configuration, dataset_json):
+        raise UnlabeledDataError(f"{folder}: the unlabeled cases were preprocessed with other plans, dataset.json or "
+                                 f"nnU-Net version than this training's, and the raw images are not here to redo "
+                                 f"them{redo}")
+    missing = [c for c in manifest["cases"] if not all(isfile(join(folder, c + s)) for s in CASE_SUFFIXES)]
+    raise_problems([f"{join(folder, c)}: files missing{redo}" for c in missing],
+                   f"{manifest_path} lists cases that are incomplete")
+    return folder, sorted(manifest["cases"])
+
+
+def unlabeled_cases_for_training(plans: dict, configuration: str, dataset_json: dict,
+                                 raw_dataset_folder: Optional[str], preprocessed_dataset_folder: str,
+                                 num_processes: int = 4, verbose: bool = True,
+                                 log: Callable[[str], None] = print) -> Tuple[str, List[str]]:
+    """``(folder, cases)``: the preprocessed ``imagesUnlabeled`` cases a training uses.
+
+    Where ``raw_dataset_folder/imagesUnlabeled`` exists, the preprocessed data is brought up to date from it
+    (:func:`preprocess_unlabeled`). Otherwise (cluster nodes often mount only ``nnUNet_preprocessed``) the cases of
+    the manifest are used as they are, said in ``log``; no manifest either: no cases.
+    """
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    if raw_dataset_folder is not None and os.path.isdir(join(raw_dataset_folder, UNLABELED_FOLDER)):
+        folder = preprocess_unlabeled(plans, configuration, dataset_json, raw_dataset_folder,
+                                      preprocessed_dataset_folder, num_processes, verbose)
+        return folder, sorted(load_json(join(folder, MANIFEST_FILE))["cases"])
+    found = preprocessed_unlabeled_cases(plans, configuration, dataset_json, preprocessed_dataset_folder)
+    if found is None:
+        data_identifier = PlansManager(plans).get_configuration(configuration).data_identifier
+        return unlabeled_data_folder(preprocessed_dataset_folder, data_identifier), []
+    where = join(raw_dataset_folder, UNLABELED_FOLDER) if raw_dataset_folder else "nnUNet_raw (not available here)"
+    log(f"{where} not found: training with the {len(found[1])} unlabeled cases preprocessed in {found[0]} as "
+        f"recorded in its {MANIFEST_FILE} (their staleness against the raw images is not checked)")
+    return found
 
 
 def preprocess_unlabeled_for_dataset(dataset: str, configurations: List[str], plans_identifier: str = "nnUNetPlans",

@@ -8,7 +8,6 @@ import re
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
-import SimpleITK as sitk
 
 UNLABELED_FOLDER = "imagesUnlabeled"
 MAX_LISTED_PROBLEMS = 20
@@ -71,6 +70,7 @@ def find_unlabeled_cases(raw_dataset_folder: str, dataset_json: dict) -> Dict[st
 
 
 def _image_header(path: str) -> dict:
+    import SimpleITK as sitk  # here, not at import: training from preprocessed data needs no image reader
     reader = sitk.ImageFileReader()
     reader.SetFileName(path)
     reader.ReadImageInformation()
