@@ -344,7 +344,7 @@ def run(args) -> dict:
     if from_run:
         env["BENCH_CONTINUE"] = "1"
         sh(["nnUNetv2_bcp_start_from_model", str(DATASET_ID), "3d_fullres", "0", "-tr", trainer, "-p", PLANS,
-            "-m", join(start_model, "fold_0", "checkpoint_final.pth"), "-device", args.device], env, log)
+            "-m", join(start_model, "fold_0", "checkpoint_final.pth")], env, log)
         train_cmd.append("--c")
     sh(train_cmd, env, log)
     train_seconds = time.time() - start

@@ -1,52 +1,13 @@
-"""Per-rank BCP logic under torch.distributed (gloo, two CPU processes): students synchronised by DDP, each rank
-with its own unlabeled data, and teachers that stay identical through the EMA."""
-import copy
+"""nnUNetTrainerBCP under torch.distributed (gloo, two CPU processes): students synchronised by DDP, each rank with
+its own unlabeled data, teachers that stay identical through the EMA, and one decision on non-finite steps."""
 import os
+import time
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-
-from nnunetv2_bcp.bcp import ema_update_
-
-
-def _rank_main(rank, world_size, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        torch.manual_seed(0)  # same initial weights on every rank, as nnU-Net's DDP start
-        student = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.InstanceNorm2d(4, affine=True), nn.LeakyReLU(),
-                                nn.Conv2d(4, 3, 1))
-        teacher = copy.deepcopy(student)
-        ddp = DistributedDataParallel(student)
-        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
-        data_rng = torch.Generator().manual_seed(1000 + rank)  # each rank its own (unlabeled) data
-        for _ in range(3):
-            x = torch.randn(2, 1, 8, 8, generator=data_rng)
-            with torch.no_grad():
-                pseudo = teacher(x).argmax(1)
-            loss = nn.functional.cross_entropy(ddp(x), pseudo)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            ema_update_(teacher, ddp, 0.9)
-        torch.save({"teacher": teacher.state_dict(), "data": x}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def test_teachers_stay_identical_across_ranks(tmp_path):
-    mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    assert not torch.equal(r0["data"], r1["data"])  # the ranks saw different data
-    for key, value in r0["teacher"].items():
-        assert torch.equal(value, r1["teacher"][key]), key
-    start = copy.deepcopy(r0["teacher"])
-    torch.manual_seed(0)
-    fresh = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.InstanceNorm2d(4, affine=True), nn.LeakyReLU(),
-                          nn.Conv2d(4, 3, 1))
-    assert not torch.equal(fresh[0].weight, start["0.weight"])  # and the teacher did move
 
 
 # ---------------------------------------------------------------- the trainer itself under torch.distributed
@@ -72,18 +33,34 @@ def _gloo_trainer_class():
     return GlooCPUBCP
 
 
-def _trainer_rank_main(rank, world_size, init_file, out_dir, preprocessed):
+def _gloo_trainer(rank, world_size, init_file, preprocessed):
+    """A GlooCPUBCP trainer on this rank's process group (CPU DDP)."""
     os.environ["nnUNet_n_proc_DA"] = "0"
     torch.set_num_threads(1)  # two ranks on the CI machine's two cores
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
-        from batchgenerators.utilities.file_and_folder_operations import join, load_json
+    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
+    from batchgenerators.utilities.file_and_folder_operations import join, load_json
 
-        # nnU-Net wraps with device_ids=[rank], which only CUDA modules accept
-        nnunet_trainer_module.DDP = lambda module, device_ids=None: DistributedDataParallel(module)
-        plans = dict(load_json(join(preprocessed, "nnUNetPlans.json")), continue_training=False)
-        trainer = _gloo_trainer_class()(plans, "3d_fullres", 0, load_json(join(preprocessed, "dataset.json")))
+    # nnU-Net wraps with device_ids=[rank], which only CUDA modules accept
+    nnunet_trainer_module.DDP = lambda module, device_ids=None: DistributedDataParallel(module)
+    plans = dict(load_json(join(preprocessed, "nnUNetPlans.json")), continue_training=False)
+    return _gloo_trainer_class()(plans, "3d_fullres", 0, load_json(join(preprocessed, "dataset.json")))
+
+
+def _spawn(function, args, timeout=600):
+    """Two ranks; a hang fails the test after ``timeout`` seconds instead of blocking the suite."""
+    context = mp.spawn(function, args=args, nprocs=2, join=False)
+    deadline = time.time() + timeout
+    while not context.join(timeout=5):
+        if time.time() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"ranks still running after {timeout} s: hang")
+
+
+def _trainer_rank_main(rank, world_size, init_file, out_dir, preprocessed):
+    trainer = _gloo_trainer(rank, world_size, init_file, preprocessed)
+    try:
         real_save, saved = torch.save, []
 
         def recording_save(obj, f, *args, **kwargs):
@@ -108,8 +85,7 @@ def test_bcp_trainer_on_two_gloo_ranks(synthetic_3d, tmp_path):
     """The real trainer on two ranks: per-rank batch, distinct unlabeled streams, identical students and teachers,
     only rank 0 writes checkpoints and the BCP progress file."""
     from batchgenerators.utilities.file_and_folder_operations import join, load_json
-    mp.spawn(_trainer_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path), synthetic_3d["preprocessed"]),
-             nprocs=2, join=True)
+    _spawn(_trainer_rank_main, (2, str(tmp_path / "init"), str(tmp_path), synthetic_3d["preprocessed"]))
     r0, r1 = (torch.load(tmp_path / f"trainer_rank{r}.pt", weights_only=False) for r in (0, 1))
     global_batch = load_json(join(synthetic_3d["preprocessed"], "nnUNetPlans.json"))[
         "configurations"]["3d_fullres"]["batch_size"]
@@ -130,3 +106,51 @@ def test_bcp_trainer_on_two_gloo_ranks(synthetic_3d, tmp_path):
 
 
 _FIRST_CONV = "encoder.stages.0.0.convs.0.conv.weight"
+
+
+def _nonfinite_rank_main(rank, world_size, init_file, out_dir, preprocessed):
+    trainer = _gloo_trainer(rank, world_size, init_file, preprocessed)
+    try:
+        trainer.initialize()
+        trainer.teacher.load_state_dict(trainer.network.module.state_dict())
+        trainer.bcp_teacher_initialized = True
+        patch = trainer.configuration_manager.patch_size
+        scales = trainer._get_deep_supervision_scales()
+        g = torch.Generator().manual_seed(rank)
+        batch_size = trainer.batch_size
+        labeled = {"data": torch.randn(batch_size, 1, *patch, generator=g), "keys": [f"l{rank}"] * batch_size,
+                   "target": [torch.randint(0, 3, (batch_size, 1, *[round(p * s) for p, s in zip(patch, sc)]),
+                                            generator=g, dtype=torch.int16) for sc in scales]}
+        unlabeled = {"data": torch.randn(batch_size, 1, *patch, generator=g), "keys": [f"u{rank}"] * batch_size}
+        if rank == 1:
+            labeled["data"][:] = float("nan")  # only this rank sees a non-finite loss
+        teacher = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
+        student = {k: v.clone() for k, v in trainer.network.module.state_dict().items()}
+        first = trainer.stage_two_step(labeled, unlabeled)
+        trainer.bcp_max_nonfinite_steps = 2
+        try:
+            trainer.stage_two_step(labeled, unlabeled)
+            stopped = None
+        except FloatingPointError as e:
+            stopped = str(e)
+        torch.save({"loss": float(first["loss"]), "stopped": stopped,
+                    "teacher_kept": all(torch.equal(v, teacher[k]) for k, v in trainer.teacher.state_dict().items()),
+                    "student_kept": all(torch.equal(v, student[k])
+                                        for k, v in trainer.network.module.state_dict().items()),
+                    "teacher": trainer.teacher.state_dict()}, os.path.join(out_dir, f"nonfinite_rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_nonfinite_loss_on_one_rank_is_skipped_on_every_rank(synthetic_3d, tmp_path):
+    """A NaN on rank 1 only: no hang, both ranks skip the step (no optimizer step, no EMA), teachers stay identical,
+    and the stop after bcp_max_nonfinite_steps happens on both ranks."""
+    _spawn(_nonfinite_rank_main, (2, str(tmp_path / "init"), str(tmp_path), synthetic_3d["preprocessed"]))
+    r0, r1 = (torch.load(tmp_path / f"nonfinite_rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["loss"] != r0["loss"] and r1["loss"] != r1["loss"]  # both report the skipped step (NaN)
+    assert r0["teacher_kept"] and r1["teacher_kept"] and r0["student_kept"] and r1["student_kept"]
+    for key, value in r0["teacher"].items():
+        assert torch.equal(value, r1["teacher"][key]), key
+    assert r0["stopped"] and r1["stopped"] and "2 non-finite steps in a row" in r0["stopped"]
+    assert "non-finite gradients from another rank" in r0["stopped"] and "['l1', 'l1']" not in r0["stopped"]
+    assert "on this rank;" in r1["stopped"] and "['l1'" in r1["stopped"]

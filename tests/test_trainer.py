@@ -2,10 +2,6 @@
 import copy
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -27,7 +23,7 @@ class nnUNetTrainerBCP_test(nnUNetTrainerBCP):
         self.num_epochs = int(os.environ.get("BCP_TEST_EPOCHS", 4))
         self.bcp_pretrain_epochs = 2
         self.bcp_max_pretrain_epochs = 2  # stage 2 from epoch 2 in any case (the stage-1 guard is tested in-process)
-        self.num_iterations_per_epoch = 2
+        self.num_iterations_per_epoch = int(os.environ.get("BCP_TEST_ITERATIONS", 2))
         self.num_val_iterations_per_epoch = 1
         self.save_every = 1
 
@@ -59,15 +55,19 @@ def _dice(a, b, label):
     return 2 * (a & b).sum() / max(a.sum() + b.sum(), 1)
 
 
+# iterations per epoch of the end-to-end run: enough for the student to find the synthetic objects (see below)
+E2E_ITERATIONS = 10
+
+
 def test_train_resume_predict_end_to_end(synthetic_3d, ext_trainer_env, tmp_path):
-    env = dict(ext_trainer_env, nnUNet_n_proc_DA="2")
+    env = dict(ext_trainer_env, nnUNet_n_proc_DA="2", BCP_TEST_ITERATIONS=str(E2E_ITERATIONS))
     crashed = run_cli("nnUNetv2_train", "990", "3d_fullres", "0", "-tr", "nnUNetTrainerBCP_test", "-device", "cpu",
                       env=dict(env, BCP_TEST_STOP_AFTER_EPOCH="2"), check=False)
     assert crashed.returncode == 3, crashed.stderr[-3000:]
     fold = join(_results_folder("Dataset990_BCPSynthetic", "nnUNetTrainerBCP_test"), "fold_0")
     latest = torch.load(join(fold, "checkpoint_latest.pth"), weights_only=False, map_location="cpu")
     assert latest["current_epoch"] == 3 and latest["bcp"]["teacher_initialized"]
-    assert latest["bcp"]["iteration"] == 2  # one stage-2 epoch of 2 iterations
+    assert latest["bcp"]["iteration"] == E2E_ITERATIONS  # one stage-2 epoch
     # the teacher is an EMA, not a copy of the student
     w_student = latest["network_weights"][FIRST_CONV]
     w_teacher = latest["bcp"]["teacher_weights"][FIRST_CONV]
@@ -80,7 +80,7 @@ def test_train_resume_predict_end_to_end(synthetic_3d, ext_trainer_env, tmp_path
     assert "teacher initialised from the student" not in log  # restored from the checkpoint instead
     assert "student-teacher agreement on unlabeled voxels" in log
     final = torch.load(join(fold, "checkpoint_final.pth"), weights_only=False, map_location="cpu")
-    assert final["bcp"]["iteration"] == 4 and final["current_epoch"] == 4
+    assert final["bcp"]["iteration"] == 2 * E2E_ITERATIONS and final["current_epoch"] == 4
     assert not os.path.exists(join(fold, "checkpoint_latest.pth"))
     settings = load_json(join(fold, "bcp_settings.json"))
     assert settings["bcp_alpha"] == 0.5 and settings["bcp_pretrain_epochs"] == 2 and settings["box_stride"] == [4, 4, 4]
@@ -100,6 +100,9 @@ def test_train_resume_predict_end_to_end(synthetic_3d, ext_trainer_env, tmp_path
         pred = sitk.GetArrayFromImage(sitk.ReadImage(join(out, case + ".nii.gz")))
         ref = sitk.GetArrayFromImage(sitk.ReadImage(join(synthetic_3d["raw"], "labelsTs", case + ".nii.gz")))
         assert pred.shape == ref.shape and set(np.unique(pred)) <= {0, 1, 2}
+        # The object fills 1.4-6.5% of the volume (radii 0.15-0.25 of the side): an empty prediction scores 0 and
+        # an all-foreground one at most 0.13, so above 0.5 the model has found the object.
+        assert _dice(pred > 0, ref > 0, True) > 0.5, case
 
     # a plain-nnU-Net copy of the model (no plugin needed to load it) predicts the same
     plain = str(tmp_path / "plain_model")
@@ -168,7 +171,7 @@ def trainer(synthetic_3d):
     dataset_json = load_json(join(synthetic_3d["preprocessed"], "dataset.json"))
     t = nnUNetTrainerBCP(plans, "3d_fullres", 0, dataset_json, torch.device("cpu"))
     t.initialize()
-    t.current_epoch = t.bcp_pretrain_epochs  # stage 2
+    t.current_epoch = t.pretrain_epochs()  # stage 2
     t.teacher.load_state_dict(t.network.state_dict())
     t.bcp_teacher_initialized = True
     return t
@@ -250,7 +253,7 @@ def test_saved_student_and_teacher_predict_like_in_memory(trainer, tmp_path):
 
 def test_nonfinite_loss_skips_the_step_names_the_cases_and_keeps_the_teacher(trainer):
     labeled, unlabeled = _batches(trainer, 0)
-    labeled["data"][0, 0, 0, 0, 0] = float("nan")
+    labeled["data"][:, :, :2] = float("nan")  # kept in every mixed sample, whichever its direction and box
     teacher = copy.deepcopy(trainer.teacher.state_dict())
     student = copy.deepcopy(trainer.network.state_dict())
     out = trainer.stage_two_step(labeled, unlabeled)
@@ -260,7 +263,7 @@ def test_nonfinite_loss_skips_the_step_names_the_cases_and_keeps_the_teacher(tra
     log = open(trainer.log_file).read()
     assert "step skipped, teacher not updated" in log and "['a', 'b']" in log and "['u', 'v']" in log
     trainer.bcp_max_nonfinite_steps = 2
-    with pytest.raises(FloatingPointError, match="2 non-finite losses in a row"):
+    with pytest.raises(FloatingPointError, match="2 non-finite steps in a row"):
         trainer.stage_two_step(labeled, unlabeled)
 
 
@@ -291,27 +294,26 @@ def test_a_teacher_that_misses_classes_is_reported(trainer):
 
 
 def test_stage_one_goes_on_while_the_student_misses_a_class(trainer):
+    trainer.bcp_teacher_initialized = False
     assert trainer.max_pretrain_epochs() == 500  # default: half of nnU-Net's 1000 epochs
     trainer.bcp_pretrain_epochs, trainer.bcp_max_pretrain_epochs = 4, 6
-
-    def validated(dice_per_class):  # what nnU-Net logs after an epoch's validation
-        trainer.logger.log('dice_per_class_or_region', dice_per_class, len(trainer.logger.get_value(
-            'dice_per_class_or_region', step=None)))
+    # the rule reads the student's Dice on its labeled training patches, never nnU-Net's validation Dice
+    trainer.logger.log('dice_per_class_or_region', [0.0, 0.0], 0)
 
     trainer.current_epoch = 3
-    validated([0.8, 0.7])
+    trainer.bcp_student_train_dice = [0.8, 0.7]
     assert not trainer.start_stage_two_now()  # before bcp_pretrain_epochs
     trainer.current_epoch = 4
-    validated([0.6, 0.0001])
+    trainer.bcp_student_train_dice = [0.6, 0.0001]
     assert not trainer.start_stage_two_now()
-    assert "stage 1 goes on" in open(trainer.log_file).read() and "bcp_pretrain_min_dice=0.1 for [2]" in \
-        open(trainer.log_file).read()
-    validated([0.6, float("nan")])  # class 2 not in the validation patches: nothing to judge
+    log = open(trainer.log_file).read()
+    assert "stage 1 goes on" in log and "bcp_pretrain_min_dice=0.1 for [2]" in log
+    trainer.bcp_student_train_dice = [0.6, float("nan")]  # class 2 not in the patches: nothing to judge
     assert trainer.start_stage_two_now()
-    validated([0.6, 0.3])
+    trainer.bcp_student_train_dice = [0.6, 0.3]
     assert trainer.start_stage_two_now()
     trainer.current_epoch = 6
-    validated([0.0, 0.3])
+    trainer.bcp_student_train_dice = [0.0, 0.3]
     assert trainer.start_stage_two_now()  # the cap
     assert "WARNING: stage 2 starts at bcp_max_pretrain_epochs=6" in open(trainer.log_file).read()
     trainer.current_epoch, trainer.bcp_pretrain_min_dice = 4, 0  # switched off
@@ -332,35 +334,3 @@ def test_checkpoint_from_another_trainer_or_plan_is_refused(trainer, tmp_path):
     torch.save(ckpt, str(tmp_path / "plain.pth"))
     with pytest.raises(SystemExit, match="written by nnUNetTrainer, not by a BCP trainer"):
         trainer.load_checkpoint(str(tmp_path / "plain.pth"))
-
-
-def test_sigkill_in_stage_two_then_resume(synthetic_3d, ext_trainer_env):
-    """A training killed with SIGKILL in stage 2 resumes from its last (complete) checkpoint with its teacher."""
-    env = dict(os.environ, **ext_trainer_env, nnUNet_n_proc_DA="0", BCP_TEST_EPOCHS="40")
-    cmd = [os.path.join(os.path.dirname(sys.executable), "nnUNetv2_train"), "990", "3d_fullres", "1", "-tr",
-           "nnUNetTrainerBCP_test", "-device", "cpu"]
-    fold = join(_results_folder("Dataset990_BCPSynthetic", "nnUNetTrainerBCP_test"), "fold_1")
-    latest = join(fold, "checkpoint_latest.pth")
-    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if os.path.isfile(latest):
-                checkpoint = torch.load(latest, weights_only=False, map_location="cpu")  # never half-written
-                if checkpoint["current_epoch"] >= 4:
-                    break
-            time.sleep(0.5)
-        else:
-            raise AssertionError("no stage-2 checkpoint within 300 s")
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    checkpoint = torch.load(latest, weights_only=False, map_location="cpu")
-    epoch = checkpoint["current_epoch"]
-    assert checkpoint["bcp"]["teacher_initialized"] and epoch >= 4
-    resumed = run_cli("nnUNetv2_train", *cmd[1:], "--c", env=dict(ext_trainer_env, nnUNet_n_proc_DA="0",
-                                                                 BCP_TEST_EPOCHS=str(epoch + 1)))
-    assert f"Epoch {epoch}" in resumed.stdout and "teacher initialised from the student" not in resumed.stdout
-    final = torch.load(join(fold, "checkpoint_final.pth"), weights_only=False, map_location="cpu")
-    assert final["current_epoch"] == epoch + 1 and final["bcp"]["iteration"] > checkpoint["bcp"]["iteration"]

@@ -139,5 +139,3 @@ def bcp_total(terms: torch.Tensor, alpha: float) -> torch.Tensor:
     """``L = L_labeled + alpha * L_unlabeled`` from the two terms of :class:`BCPLoss`."""
     return terms[0] + alpha * terms[1]
 
-
-BCPRegionLoss = BCPLoss  # the old name, kept only until the trainer imports BCPLoss

@@ -1,14 +1,14 @@
 """Short-schedule trainers of the demo: the same schedule for the labeled-only baseline and for BCP.
 
 Schedule from the environment (set by ``nnUNetv2_bcp_demo``): ``BCP_DEMO_EPOCHS`` (default 12),
-``BCP_DEMO_ITERATIONS`` per epoch (default 20); BCP pre-trains for the default 20% of the epochs.
+``BCP_DEMO_ITERATIONS`` per epoch (default 20); BCP's stage 1 follows the schedule (the default fifth of the epochs).
 """
 import os
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunetv2_bcp.training.nnUNetTrainerBCP import default_pretrain_epochs, nnUNetTrainerBCP
+from nnunetv2_bcp.training.nnUNetTrainerBCP import nnUNetTrainerBCP
 
 
 def _demo_schedule(trainer) -> None:
@@ -27,4 +27,3 @@ class nnUNetTrainerBCPDemo(nnUNetTrainerBCP):
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
         _demo_schedule(self)
-        self.bcp_pretrain_epochs = default_pretrain_epochs(self.num_epochs)

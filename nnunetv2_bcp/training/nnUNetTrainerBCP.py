@@ -5,21 +5,23 @@ augmentation, deep supervision, validation, checkpoints, inference) stays nnU-Ne
 unlabeled stream, the EMA teacher, the copy-paste mixing and the α-weighted loss.
 """
 import copy
-import os
 from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json, save_json
 from nnunetv2.paths import nnUNet_raw
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
-from nnunetv2_bcp.bcp import (BCPRegionLoss, bcp_total, copy_paste, downsample_mask, ema_update_, inward_directions,
+from nnunetv2_bcp.bcp import (BCPLoss, bcp_total, copy_paste, downsample_mask, ema_update_, inward_directions,
                               keep_largest_component, labeled_origin, labeled_partner, mix_by_origin, pseudo_labels,
                               random_box_mask, unwrap_network)
+from nnunetv2_bcp.training.checkpoint import (incompatibility, loading, remove_stale_checkpoint_temporaries,
+                                              saving_atomically_with)
 from nnunetv2_bcp.unlabeled.label_subset import fold_subset, label_subset_path, load_label_subset
 from nnunetv2_bcp.unlabeled.loader import (UnlabeledDataset, make_unlabeled_stream, shutdown_stream,
                                            unlabeled_augmentation_workers)
@@ -86,10 +88,12 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.bcp_pretrain_epochs = default_pretrain_epochs(self.num_epochs)
+        # None: a share of num_epochs as it stands when training starts (subclasses often set num_epochs after this)
+        self.bcp_pretrain_epochs = None
         self.bcp_pretrain_min_dice = PRETRAIN_MIN_DICE
-        self.bcp_max_pretrain_epochs = None  # None: half of num_epochs (as set by the time training starts)
+        self.bcp_max_pretrain_epochs = None
         self.bcp_alpha = 0.5
+        self.bcp_labeled_loss_weight = 0.0
         self.bcp_ema_decay = 0.99
         self.bcp_mask_ratio = 2 / 3
         self.bcp_largest_component = True
@@ -100,11 +104,13 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
         self.bcp_iteration = 0
         self.bcp_max_nonfinite_steps = 10
         self.bcp_nonfinite_in_a_row = 0
+        self.bcp_student_train_dice = None  # per class, on labeled training patches, after the last stage-1 epoch
 
     # ------------------------------------------------------------------ set-up
     def bcp_settings(self) -> dict:
-        return {"bcp_pretrain_epochs": self.bcp_pretrain_epochs, "bcp_pretrain_min_dice": self.bcp_pretrain_min_dice,
+        return {"bcp_pretrain_epochs": self.pretrain_epochs(), "bcp_pretrain_min_dice": self.bcp_pretrain_min_dice,
                 "bcp_max_pretrain_epochs": self.max_pretrain_epochs(), "bcp_alpha": self.bcp_alpha,
+                "bcp_labeled_loss_weight": self.bcp_labeled_loss_weight,
                 "bcp_ema_decay": self.bcp_ema_decay, "bcp_mask_ratio": self.bcp_mask_ratio,
                 "bcp_largest_component": self.bcp_largest_component, "num_epochs": self.num_epochs,
                 "num_iterations_per_epoch": self.num_iterations_per_epoch,
@@ -124,7 +130,7 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.teacher.eval()
-        self.bcp_loss = BCPRegionLoss.like_nnunet_loss(self.loss)
+        self.bcp_loss = BCPLoss.like_nnunet_loss(self.loss)
 
     def bcp_box_stride(self) -> tuple:
         """Coarsest deep-supervision downsampling per axis: boxes on this grid are exact at every scale."""
@@ -189,8 +195,18 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
                                f"labeled stream: nnU-Net's {get_allowed_n_proc_DA()}")
         return dataloader_train, dataloader_val
 
+    def check_stage_lengths(self) -> None:
+        """Refuse, before any work, a stage 1 that would take the whole schedule."""
+        if not self.in_stage_two() and self.pretrain_epochs() >= self.num_epochs:
+            raise SystemExit(f"ERROR ({self.__class__.__name__}): bcp_pretrain_epochs={self.pretrain_epochs()} is not "
+                             f"below num_epochs={self.num_epochs}, so stage 2 (BCP) would never start. Lower "
+                             f"bcp_pretrain_epochs or leave it unset (then it is {PRETRAIN_FRACTION:g} of num_epochs).")
+
     def on_train_start(self):
+        self.check_stage_lengths()
         super().on_train_start()
+        if self.local_rank == 0:
+            remove_stale_checkpoint_temporaries(self.output_folder)
         if self.local_rank == 0:
             save_json(self.bcp_settings(), join(self.output_folder, "bcp_settings.json"), sort_keys=False)
         self.print_to_log_file("BCP settings:", self.bcp_settings())
@@ -214,42 +230,69 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
     def in_stage_two(self) -> bool:
         return self.bcp_teacher_initialized
 
+    def pretrain_epochs(self) -> int:
+        """Stage 1 length: ``bcp_pretrain_epochs`` if set, else a share of ``num_epochs`` as it stands now."""
+        if self.bcp_pretrain_epochs is not None:
+            return self.bcp_pretrain_epochs
+        return default_pretrain_epochs(self.num_epochs)
+
     def max_pretrain_epochs(self) -> int:
         if self.bcp_max_pretrain_epochs is not None:
             return self.bcp_max_pretrain_epochs
-        return max(self.bcp_pretrain_epochs, int(round(MAX_PRETRAIN_FRACTION * self.num_epochs)))
+        return max(self.pretrain_epochs(), int(round(MAX_PRETRAIN_FRACTION * self.num_epochs)))
 
     def classes_the_student_misses(self, dice_per_class: list) -> list:
-        """Classes (regions) whose validation pseudo Dice in ``dice_per_class`` is below ``bcp_pretrain_min_dice``
-        (NaN, a class absent from the validation patches, does not count)."""
+        """Classes (regions) whose Dice in ``dice_per_class`` is below ``bcp_pretrain_min_dice`` (NaN, a class
+        absent from the patches, does not count)."""
         if not self.bcp_pretrain_min_dice:
             return []
         return [_plain(n) for n, d in zip(self._foreground_classes(), dice_per_class) if d < self.bcp_pretrain_min_dice]
 
     def start_stage_two_now(self) -> bool:
-        """From ``bcp_pretrain_epochs`` on, unless the student's last validation still misses a class (then stage 1
-        goes on, at most until ``max_pretrain_epochs()``)."""
-        if self.current_epoch < self.bcp_pretrain_epochs:
+        """From ``pretrain_epochs()`` on, unless the student still misses a class on its own labeled training
+        patches (then stage 1 goes on, at most until ``max_pretrain_epochs()``). Judged on training patches, not on
+        nnU-Net's validation cases, so that the rule uses no label the labeled-only baseline does not have."""
+        if self.current_epoch < self.pretrain_epochs():
             return False
-        history = self.logger.get_value('dice_per_class_or_region', step=None)
-        missing = self.classes_the_student_misses(history[-1]) if history else []
+        dice_per_class = self.bcp_student_train_dice
+        missing = self.classes_the_student_misses(dice_per_class) if dice_per_class is not None else []
         if not missing:
             return True
-        dice = ", ".join(f"{d:.4f}" for d in history[-1])
+        dice = ", ".join(f"{d:.4f}" for d in dice_per_class)
         if self.current_epoch < self.max_pretrain_epochs():
             self.print_to_log_file(
-                f"BCP: stage 1 goes on: the student's validation pseudo Dice per class is [{dice}], below "
-                f"bcp_pretrain_min_dice={self.bcp_pretrain_min_dice} for {missing}; a teacher made from it would label "
-                f"those as background (stage 2 starts by epoch {self.max_pretrain_epochs()} at the latest)")
+                f"BCP: stage 1 goes on: the student's Dice per class on its labeled training patches is [{dice}], "
+                f"below bcp_pretrain_min_dice={self.bcp_pretrain_min_dice} for {missing}; a teacher made from it "
+                f"would label those as background (stage 2 starts by epoch {self.max_pretrain_epochs()} at the "
+                f"latest)")
             return False
         self.print_to_log_file(
             f"WARNING: stage 2 starts at bcp_max_pretrain_epochs={self.max_pretrain_epochs()} although the student's "
-            f"validation pseudo Dice per class is [{dice}] ({missing} below {self.bcp_pretrain_min_dice})")
+            f"Dice per class on its labeled training patches is [{dice}] ({missing} below "
+            f"{self.bcp_pretrain_min_dice})")
         return True
+
+    @torch.no_grad()
+    def measure_student_on_training_patches(self) -> list:
+        """Per-class Dice of the student on ``num_val_iterations_per_epoch`` fresh labeled training batches, through
+        nnU-Net's own ``validation_step`` (summed over the batches and over DDP ranks; NaN for a class absent from
+        every patch and never predicted)."""
+        self.network.eval()
+        outputs = [self.validation_step(next(self.dataloader_train)) for _ in range(self.num_val_iterations_per_epoch)]
+        self.network.train()
+        counts = torch.tensor(np.stack([np.sum([o[k] for o in outputs], 0) for k in ('tp_hard', 'fp_hard', 'fn_hard')]),
+                              dtype=torch.float64)
+        if self.is_ddp:
+            import torch.distributed as dist
+            counts = counts.to(self.device)
+            dist.all_reduce(counts)
+        tp, fp, fn = counts.cpu().numpy()
+        with np.errstate(invalid='ignore', divide='ignore'):
+            return (2 * tp / (2 * tp + fp + fn)).tolist()
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
-        if not self.bcp_teacher_initialized and self.start_stage_two_now():
+        if not self.in_stage_two() and self.start_stage_two_now():
             # stage 1 -> 2: the pre-trained student initialises the teacher
             self.teacher.load_state_dict(unwrap_network(self.network).state_dict())
             self.bcp_teacher_initialized = True
@@ -298,49 +341,73 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
         unlabeled = unlabeled_batch['data'].to(self.device, non_blocking=True)
         pseudo = self.make_pseudo_labels(unlabeled)
 
-        from_labeled = labeled_origin(self._random_mask(labeled.shape[0]),
-                                      inward_directions(labeled.shape[0], self.bcp_iteration, self.device))
+        batch_size = labeled.shape[0]
+        inward = inward_directions(batch_size, device=self.device)
+        from_labeled = labeled_origin(self._random_mask(batch_size), inward)
         masks = [downsample_mask(from_labeled, t.shape[2:]) for t in targets]
         mixed_targets = [mix_by_origin(t, downsample_mask(pseudo, t.shape[2:]), m) for t, m in zip(targets, masks)]
         mixed = mix_by_origin(labeled, unlabeled, from_labeled)
+        supervised = self.bcp_labeled_loss_weight > 0
 
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
-            output = self.network(mixed)
-            outputs = _as_list(output)
-            if isinstance(output, (list, tuple)):
-                terms = self.bcp_loss(outputs, mixed_targets, masks)
+            # with the supervised term, the un-mixed labeled patches go through the same forward pass
+            outputs = _as_list(self.network(torch.cat([mixed, labeled]) if supervised else mixed))
+            mixed_outputs = [o[:batch_size] for o in outputs]
+            deep_supervision = isinstance(self.bcp_loss, DeepSupervisionWrapper)
+            if deep_supervision:
+                terms = self.bcp_loss(mixed_outputs, mixed_targets, masks, [inward] * len(masks))
             else:
-                terms = self.bcp_loss(outputs[0], mixed_targets[0], masks[0])
+                terms = self.bcp_loss(mixed_outputs[0], mixed_targets[0], masks[0], inward)
             loss = bcp_total(terms, self.bcp_alpha)
-        if not torch.isfinite(loss):
+            if supervised:
+                labeled_outputs = [o[batch_size:] for o in outputs]
+                supervised_loss = self.loss(labeled_outputs if deep_supervision else labeled_outputs[0],
+                                            targets if deep_supervision else targets[0])
+                loss = loss + self.bcp_labeled_loss_weight * supervised_loss
+        if not self._backward_and_step(loss):
             return self._skip_nonfinite_step(loss, batch, unlabeled_batch)
         self.bcp_nonfinite_in_a_row = 0
+        ema_update_(self.teacher, self.network, self.bcp_ema_decay)
+        self.bcp_iteration += 1
+        return {'loss': loss.detach().cpu().numpy(), **self._stage_two_figures(mixed_outputs[0], mixed_targets[0],
+                                                                                  masks[0], pseudo, targets[0], terms)}
+
+    def _backward_and_step(self, loss: torch.Tensor) -> bool:
+        """nnU-Net's backward, clipping and step, except that a step with non-finite gradients is skipped (returns
+        False). ``backward()`` runs on every rank, so under DDP the gradient all-reduce carries a NaN or inf of any
+        rank to all of them and every rank takes the same decision without a collective of its own."""
+        params = self.network.parameters()
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, 12)
+            self.grad_scaler.step(self.optimizer)  # skips the step itself on non-finite gradients
             self.grad_scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            return bool(torch.isfinite(grad_norm))
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 12)
+        finite = bool(torch.isfinite(grad_norm))
+        if finite:
             self.optimizer.step()
-        ema_update_(self.teacher, self.network, self.bcp_ema_decay)
-        self.bcp_iteration += 1
-        return {'loss': loss.detach().cpu().numpy(), **self._stage_two_figures(outputs[0], mixed_targets[0],
-                                                                                  masks[0], pseudo, targets[0], terms)}
+        return finite
 
     def _skip_nonfinite_step(self, loss: torch.Tensor, batch: dict, unlabeled_batch: dict) -> dict:
-        """No optimizer step and no EMA update on a non-finite loss (the teacher stays clean); name the cases.
-        Stops training after ``bcp_max_nonfinite_steps`` such steps in a row."""
+        """No optimizer step and no EMA update on non-finite gradients (the teacher stays clean); name the cases.
+        Stops training after ``bcp_max_nonfinite_steps`` such steps in a row (on every rank: the decision is the
+        same everywhere)."""
         self.optimizer.zero_grad(set_to_none=True)
         self.bcp_nonfinite_in_a_row += 1
-        message = (f"BCP loss is {loss.item()} at epoch {self.current_epoch} (labeled cases {list(batch['keys'])}, "
-                   f"unlabeled cases {list(unlabeled_batch['keys'])}); step skipped, teacher not updated")
+        origin = (f"loss {loss.item()} on this rank" if not torch.isfinite(loss) else
+                  f"loss {loss.item():.4f} on this rank, non-finite gradients from another rank")
+        message = (f"BCP: non-finite gradients at epoch {self.current_epoch} ({origin}; labeled cases "
+                   f"{list(batch['keys'])}, unlabeled cases {list(unlabeled_batch['keys'])}); step skipped, teacher "
+                   f"not updated")
         self.print_to_log_file("WARNING: " + message)
+        if self.local_rank != 0:  # nnU-Net logs on rank 0 only; the cases of this rank's batch are named here
+            print(f"rank {self.local_rank}: WARNING: {message}", flush=True)
         if self.bcp_nonfinite_in_a_row >= self.bcp_max_nonfinite_steps:
-            raise FloatingPointError(f"{message}. {self.bcp_nonfinite_in_a_row} non-finite losses in a row: "
+            raise FloatingPointError(f"{message}. {self.bcp_nonfinite_in_a_row} non-finite steps in a row: "
                                      f"stopping; check these cases and the learning rate")
         nan = float("nan")
         classes = self._foreground_classes()
@@ -377,7 +444,13 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
 
     def on_train_epoch_end(self, train_outputs: List[dict]):
         super().on_train_epoch_end(train_outputs)
-        if not self.in_stage_two() or 'bcp_agreement' not in train_outputs[0]:
+        if not self.in_stage_two():
+            if self.bcp_pretrain_min_dice and self.current_epoch + 1 >= self.pretrain_epochs():
+                self.bcp_student_train_dice = self.measure_student_on_training_patches()
+                self.print_to_log_file("BCP: the student's Dice per class on labeled training patches",
+                                       np.round(self.bcp_student_train_dice, 4).tolist())
+            return
+        if 'bcp_agreement' not in train_outputs[0]:
             return
         figures = {k: np.nanmean(np.stack([o[k] for o in train_outputs]), axis=0).tolist()
                    for k in ('bcp_loss_labeled', 'bcp_loss_unlabeled', 'bcp_pseudo_fg_fraction', 'bcp_agreement',
@@ -424,37 +497,37 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
                 f"(now {self.bcp_pretrain_epochs}) or bcp_pretrain_min_dice (now {self.bcp_pretrain_min_dice}).")
 
     # ------------------------------------------------------------------ checkpoints
+    def bcp_state(self) -> dict:
+        """What a BCP checkpoint holds beside nnU-Net's entries."""
+        return {'teacher_weights': self.teacher.state_dict(), 'teacher_initialized': self.bcp_teacher_initialized,
+                'iteration': self.bcp_iteration, 'student_train_dice': self.bcp_student_train_dice,
+                'settings': self.bcp_settings()}
+
     def save_checkpoint(self, filename: str) -> None:
-        """nnU-Net's checkpoint plus a ``bcp`` entry (teacher weights, stage state, settings), written atomically."""
-        if self.local_rank != 0 or self.disable_checkpointing:
-            return super().save_checkpoint(filename)
-        tmp = f"{filename}.tmp{os.getpid()}"
-        super().save_checkpoint(tmp)
-        checkpoint = torch.load(tmp, map_location='cpu', weights_only=False)
-        checkpoint['bcp'] = {'teacher_weights': self.teacher.state_dict(),
-                             'teacher_initialized': self.bcp_teacher_initialized,
-                             'iteration': self.bcp_iteration, 'settings': self.bcp_settings()}
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, filename)
+        """nnU-Net's checkpoint plus a ``bcp`` entry, in one atomic write (see :mod:`..checkpoint`)."""
+        with saving_atomically_with({'bcp': self.bcp_state()}):
+            super().save_checkpoint(filename)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
+        """nnU-Net's ``load_checkpoint`` on a checkpoint read once and checked first: it must come from a BCP
+        trainer of the same plans, configuration and labels."""
         path = filename_or_checkpoint
         checkpoint = torch.load(path, map_location=self.device, weights_only=False) if isinstance(path, str) else path
         if 'bcp' not in checkpoint:
             raise SystemExit(f"ERROR ({self.__class__.__name__}): {path} was written by "
                              f"{checkpoint.get('trainer_name', 'another trainer')}, not by a BCP trainer, and has no "
-                             f"teacher; use it with -pretrained_weights instead of --c.")
-        init_args = checkpoint.get('init_args', {})
-        theirs = (init_args.get('plans', {}).get('plans_name'), init_args.get('configuration'))
-        ours = (self.plans_manager.plans_name, self.configuration_name)
-        if theirs != ours:
-            raise SystemExit(f"ERROR ({self.__class__.__name__}): {path} was trained with plans '{theirs[0]}', "
-                             f"configuration '{theirs[1]}', not '{ours[0]}', '{ours[1]}'.")
-        super().load_checkpoint(path)
+                             f"teacher; start BCP from it with nnUNetv2_bcp_start_from_model instead of --c.")
+        reason = incompatibility(checkpoint, self.plans_manager.plans_name, self.configuration_name,
+                                 self.dataset_json['labels'])
+        if reason:
+            raise SystemExit(f"ERROR ({self.__class__.__name__}): {path}: {reason}.")
+        with loading(checkpoint):
+            super().load_checkpoint(path if isinstance(path, str) else "<checkpoint dict>")
         bcp = checkpoint['bcp']
         self.teacher.load_state_dict(bcp['teacher_weights'])
         self.bcp_teacher_initialized = bcp['teacher_initialized']
         self.bcp_iteration = bcp['iteration']
+        self.bcp_student_train_dice = bcp.get('student_train_dice')
 
 
 def _plain(label_or_region):

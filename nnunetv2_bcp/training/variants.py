@@ -1,24 +1,89 @@
-"""Epoch-count variants, named like nnU-Net's ``nnUNetTrainer_Xepochs``; stage 1 keeps its share of the schedule."""
+"""Epoch-count variants, named like nnU-Net's ``nnUNetTrainer_Xepochs``. They set only ``num_epochs``: the stage
+lengths follow it when training starts (stage 1 is a fifth of the schedule unless ``bcp_pretrain_epochs`` is set)."""
 import torch
 
-from nnunetv2_bcp.training.nnUNetTrainerBCP import default_pretrain_epochs, nnUNetTrainerBCP
-
-EPOCH_COUNTS = (1, 5, 10, 20, 50, 100, 250, 500, 750, 2000, 4000, 8000)
+from nnunetv2_bcp.training.nnUNetTrainerBCP import nnUNetTrainerBCP
 
 
-def _epochs_variant(num_epochs: int) -> type:
-    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device('cuda')):
-        super(variant, self).__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = num_epochs
-        self.bcp_pretrain_epochs = default_pretrain_epochs(num_epochs)
-
-    name = f"nnUNetTrainerBCP_{num_epochs}epoch{'s' if num_epochs > 1 else ''}"
-    variant = type(name, (nnUNetTrainerBCP,), {"__init__": __init__, "__module__": __name__,
-                                               "__doc__": f"BCP with {num_epochs} epochs."})
-    return variant
+class nnUNetTrainerBCP_1epoch(nnUNetTrainerBCP):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 1
 
 
-for _n in EPOCH_COUNTS:
-    _cls = _epochs_variant(_n)
-    globals()[_cls.__name__] = _cls
-__all__ = [f"nnUNetTrainerBCP_{n}epoch{'s' if n > 1 else ''}" for n in EPOCH_COUNTS]
+class nnUNetTrainerBCP_5epochs(nnUNetTrainerBCP):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 5
+
+
+class nnUNetTrainerBCP_10epochs(nnUNetTrainerBCP):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 10
+
+
+class nnUNetTrainerBCP_20epochs(nnUNetTrainerBCP):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 20
+
+
+class nnUNetTrainerBCP_50epochs(nnUNetTrainerBCP):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 50
+
+
+class nnUNetTrainerBCP_100epochs(nnUNetTrainerBCP):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 100
+
+
+class nnUNetTrainerBCP_250epochs(nnUNetTrainerBCP):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 250
+
+
+class nnUNetTrainerBCP_500epochs(nnUNetTrainerBCP):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 500
+
+
+class nnUNetTrainerBCP_750epochs(nnUNetTrainerBCP):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 750
+
+
+class nnUNetTrainerBCP_2000epochs(nnUNetTrainerBCP):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 2000
+
+
+class nnUNetTrainerBCP_4000epochs(nnUNetTrainerBCP):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 4000
+
+
+class nnUNetTrainerBCP_8000epochs(nnUNetTrainerBCP):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 8000

@@ -1,0 +1,72 @@
+"""Checkpoints of BCP trainers: nnU-Net's checkpoint plus a ``bcp`` entry, written once and atomically, read once.
+
+nnU-Net 2.8's ``save_checkpoint`` builds its dict and calls ``torch.save`` with no hook for extra keys, and its
+``load_checkpoint`` only takes a path (a dict argument fails). Rather than copying those methods (the copy would go
+stale with nnU-Net's next release), the BCP trainer calls them and swaps ``torch.save`` / ``torch.load`` for the
+duration of that one call: the save adds the ``bcp`` entry and writes through a temporary file that is renamed over
+the target (a crash mid-write leaves the previous checkpoint intact), the load hands nnU-Net the dict the trainer has
+already read and checked.
+"""
+import glob
+import os
+from contextlib import contextmanager
+from typing import Callable
+
+import torch
+
+TEMPORARY_SUFFIX = ".tmp"
+
+
+@contextmanager
+def _replacing(name: str, replacement: Callable):
+    original = getattr(torch, name)
+    setattr(torch, name, replacement)
+    try:
+        yield original
+    finally:
+        setattr(torch, name, original)
+
+
+@contextmanager
+def saving_atomically_with(extra: dict):
+    """Within this block, ``torch.save(obj, f)`` writes ``{**obj, **extra}`` to ``f + '.tmp'`` and renames it to
+    ``f``; the temporary file is removed if the write fails."""
+    def save(obj, f, *args, **kwargs):
+        temporary = f"{f}{TEMPORARY_SUFFIX}"
+        try:
+            original({**obj, **extra}, temporary, *args, **kwargs)
+            os.replace(temporary, f)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+
+    with _replacing("save", save) as original:
+        yield
+
+
+@contextmanager
+def loading(checkpoint: dict):
+    """Within this block, ``torch.load`` returns ``checkpoint`` instead of reading a file."""
+    with _replacing("load", lambda *args, **kwargs: checkpoint):
+        yield
+
+
+def remove_stale_checkpoint_temporaries(folder: str) -> list:
+    """Remove ``*.pth.tmp`` files that a process killed during a checkpoint write left behind."""
+    stale = glob.glob(os.path.join(glob.escape(folder), f"*.pth{TEMPORARY_SUFFIX}"))
+    for path in stale:
+        os.remove(path)
+    return stale
+
+
+def incompatibility(checkpoint: dict, plans_name: str, configuration: str, labels: dict) -> str:
+    """Why a model checkpoint cannot continue in a trainer of these plans, configuration and labels ('' if it can)."""
+    init_args = checkpoint.get('init_args', {})
+    theirs = (init_args.get('plans', {}).get('plans_name'), init_args.get('configuration'))
+    if theirs != (plans_name, configuration):
+        return (f"it was trained with plans '{theirs[0]}', configuration '{theirs[1]}', not '{plans_name}', "
+                f"'{configuration}'")
+    their_labels = init_args.get('dataset_json', {}).get('labels')
+    if their_labels is not None and their_labels != labels:
+        return f"its labels {their_labels} differ from this dataset's {labels}"
+    return ''

@@ -1,0 +1,85 @@
+"""``nnUNetv2_bcp_start_from_model``: continue an existing nnU-Net model with another trainer, BCP included.
+
+nnU-Net's ``-pretrained_weights`` leaves the segmentation heads out, is loaded by ``run_training`` itself (the trainer
+never sees the path) and cannot be combined with ``--c``. This command instead writes the starting checkpoint of the
+new training: ALL weights of the given model, epoch 0 and a fresh optimiser; for BCP trainers the teacher holds the
+same weights and stage 2 starts at the first epoch (the model is the converged stage 1 that the BCP paper
+pre-trains). ``nnUNetv2_train ... --c`` then trains the trainer's own schedule (``num_epochs``, ``initial_lr``) from
+there, and resumes from its own checkpoints after an interruption, as any nnU-Net training does.
+
+    nnUNetv2_bcp_start_from_model DATASET CONFIGURATION FOLD -tr nnUNetTrainerBCP -m MODEL/fold_0/checkpoint_final.pth
+    nnUNetv2_train DATASET CONFIGURATION FOLD -tr nnUNetTrainerBCP --c
+"""
+import argparse
+import glob
+import os
+
+import torch
+from batchgenerators.utilities.file_and_folder_operations import join, maybe_mkdir_p
+
+from nnunetv2_bcp.bcp import unwrap_network
+from nnunetv2_bcp.training.checkpoint import incompatibility
+
+STARTING_CHECKPOINT = "checkpoint_latest.pth"  # what nnUNetv2_train --c picks up when no final checkpoint exists
+
+
+def start_from_model(trainer, model_checkpoint: str) -> str:
+    """Write ``trainer``'s starting checkpoint from all weights of ``model_checkpoint``; return its path.
+
+    Refuses (SystemExit with the reason) a model of other plans, configuration or labels, and an output folder that
+    already holds checkpoints (work that would be overwritten)."""
+    name = trainer.__class__.__name__
+    if not os.path.isfile(model_checkpoint):
+        raise SystemExit(f"ERROR ({name}): {model_checkpoint}: no such checkpoint")
+    existing = sorted(glob.glob(join(glob.escape(trainer.output_folder), "checkpoint_*.pth")))
+    if existing:
+        raise SystemExit(f"ERROR ({name}): {trainer.output_folder} already holds {[os.path.basename(f) for f in existing]}"
+                         f"; continue it with nnUNetv2_train ... --c, or remove them to start again from the model")
+    checkpoint = torch.load(model_checkpoint, map_location='cpu', weights_only=False)
+    reason = incompatibility(checkpoint, trainer.plans_manager.plans_name, trainer.configuration_name,
+                             trainer.dataset_json['labels'])
+    if reason:
+        raise SystemExit(f"ERROR ({name}): cannot start from {model_checkpoint}: {reason}.")
+    trainer.initialize()
+    network = unwrap_network(trainer.network)
+    try:
+        network.load_state_dict(checkpoint['network_weights'])
+    except RuntimeError as e:
+        raise SystemExit(f"ERROR ({name}): the network in {model_checkpoint} does not match this configuration's: {e}")
+    teacher = getattr(trainer, 'teacher', None)
+    if teacher is not None:
+        teacher.load_state_dict(network.state_dict())
+        trainer.bcp_teacher_initialized = True
+    trainer.current_epoch = -1  # nnU-Net stores the epoch to continue with as current_epoch + 1
+    maybe_mkdir_p(trainer.output_folder)
+    path = join(trainer.output_folder, STARTING_CHECKPOINT)
+    trainer.save_checkpoint(path)
+    trainer.print_to_log_file(f"Starting checkpoint written from all weights of {model_checkpoint}"
+                              + ("; BCP starts in stage 2 with this model as teacher" if teacher is not None else ""))
+    return path
+
+
+def main():
+    from nnunetv2.run.run_training import get_trainer_from_args
+    parser = argparse.ArgumentParser(description="Write the starting checkpoint of a training that continues an "
+                                                 "existing nnU-Net model with all its weights (BCP: as student and "
+                                                 "teacher, straight into stage 2); then run nnUNetv2_train ... --c.")
+    parser.add_argument("dataset_name_or_id")
+    parser.add_argument("configuration")
+    parser.add_argument("fold", help="fold number or 'all'")
+    parser.add_argument("-tr", default="nnUNetTrainerBCP", help="trainer of the new training [nnUNetTrainerBCP]")
+    parser.add_argument("-p", default="nnUNetPlans", help="plans identifier [nnUNetPlans]")
+    parser.add_argument("-m", "--model", required=True,
+                        help="checkpoint of the model to start from, e.g. .../fold_0/checkpoint_final.pth")
+    args = parser.parse_args()
+    fold = args.fold if args.fold == "all" else int(args.fold)
+    # writing weights needs no accelerator; nnUNetv2_train --c moves everything to its own device
+    trainer = get_trainer_from_args(args.dataset_name_or_id, args.configuration, fold, args.tr, args.p,
+                                    device=torch.device('cpu'))
+    path = start_from_model(trainer, os.path.abspath(args.model))
+    print(f"Wrote {path}. Train with: nnUNetv2_train {args.dataset_name_or_id} {args.configuration} {args.fold} "
+          f"-tr {args.tr} -p {args.p} --c")
+
+
+if __name__ == "__main__":
+    main()

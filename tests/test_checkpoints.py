@@ -1,0 +1,150 @@
+"""BCP checkpoints: nnU-Net's entries plus the teacher, one atomic write per save, one read per load, and starting a
+training from an existing nnU-Net model (nnUNetv2_bcp_start_from_model)."""
+import os
+
+import pytest
+import torch
+from batchgenerators.utilities.file_and_folder_operations import join
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from conftest import run_cli
+from test_trainer import FIRST_CONV, _batches, ext_trainer_env, trainer  # noqa: F401 (fixtures)
+from nnunetv2_bcp.training.checkpoint import remove_stale_checkpoint_temporaries
+
+
+def _plans(trainer) -> dict:
+    """Plans for another trainer of the same configuration (nnU-Net pops 'continue_training' from the dict)."""
+    return dict(trainer.plans_manager.plans, continue_training=False)
+
+
+def _counting(monkeypatch, name):
+    calls = []
+    original = getattr(torch, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args[1] if name == "save" else args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch, name, counted)
+    return calls
+
+
+def test_checkpoint_holds_nnunets_entries_and_the_teacher_in_one_write(trainer, tmp_path, monkeypatch):
+    trainer.stage_two_step(*_batches(trainer, 0))
+    plain = str(tmp_path / "plain.pth")
+    nnUNetTrainer.save_checkpoint(trainer, plain)  # what nnU-Net itself writes for this trainer
+    writes = _counting(monkeypatch, "save")
+    path = str(tmp_path / "bcp.pth")
+    trainer.save_checkpoint(path)
+    assert writes == [path + ".tmp"] and sorted(os.listdir(tmp_path)) == ["bcp.pth", "plain.pth"]
+    ours, theirs = (torch.load(p, weights_only=False) for p in (path, plain))
+    assert set(ours) == set(theirs) | {"bcp"}  # a key added by a new nnU-Net release shows up here
+    for key in ("current_epoch", "_best_ema", "trainer_name", "init_args", "logging"):
+        assert ours[key] == theirs[key], key
+    assert torch.equal(ours["network_weights"][FIRST_CONV], theirs["network_weights"][FIRST_CONV])
+    assert torch.equal(ours["bcp"]["teacher_weights"][FIRST_CONV], trainer.teacher.state_dict()[FIRST_CONV])
+    assert ours["bcp"]["teacher_initialized"] and ours["bcp"]["iteration"] == trainer.bcp_iteration == 1
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint_and_resume_uses_it(trainer, tmp_path, monkeypatch):
+    from nnunetv2_bcp import nnUNetTrainerBCP
+    path = str(tmp_path / "checkpoint_latest.pth")
+    trainer.current_epoch = 7
+    trainer.save_checkpoint(path)
+    saved_teacher = trainer.teacher.state_dict()[FIRST_CONV].clone()
+    trainer.stage_two_step(*_batches(trainer, 1))  # the teacher moves on
+    trainer.current_epoch = 8
+
+    original = torch.save
+
+    def dies_mid_write(obj, f, *args, **kwargs):
+        with open(f, "wb") as out:
+            out.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dies_mid_write)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save_checkpoint(path)
+    monkeypatch.setattr(torch, "save", original)
+    assert os.listdir(tmp_path) == ["checkpoint_latest.pth"]  # no temporary left behind
+
+    # --c: a fresh trainer resumes from the previous, intact checkpoint, with its teacher
+    resumed = nnUNetTrainerBCP(_plans(trainer), "3d_fullres", 0, trainer.dataset_json, torch.device("cpu"))
+    reads = _counting(monkeypatch, "load")
+    resumed.load_checkpoint(path)
+    assert reads == [path]  # read once (nnU-Net's own load_checkpoint gets the dict already read)
+    assert resumed.current_epoch == 8 and resumed.in_stage_two()
+    assert torch.equal(resumed.teacher.state_dict()[FIRST_CONV], saved_teacher)
+    assert not torch.equal(resumed.teacher.state_dict()[FIRST_CONV], trainer.teacher.state_dict()[FIRST_CONV])
+
+
+def test_stale_temporaries_of_a_killed_write_are_removed(tmp_path):
+    (tmp_path / "checkpoint_latest.pth.tmp").write_bytes(b"partial")
+    (tmp_path / "checkpoint_best.pth").write_bytes(b"kept")
+    assert remove_stale_checkpoint_temporaries(str(tmp_path)) == [str(tmp_path / "checkpoint_latest.pth.tmp")]
+    assert os.listdir(tmp_path) == ["checkpoint_best.pth"]
+
+
+def _plain_model(trainer, tmp_path, **changed_init_args):
+    """An nnU-Net (labeled-only) checkpoint of the same plans, with weights of its own."""
+    plain = nnUNetTrainer(_plans(trainer), "3d_fullres", 0, trainer.dataset_json, torch.device("cpu"))
+    plain.initialize()
+    with torch.no_grad():
+        for p in plain.network.parameters():
+            p.add_(torch.randn_like(p))
+    plain.my_init_kwargs.update(changed_init_args)
+    path = str(tmp_path / f"model{len(os.listdir(tmp_path))}.pth")
+    plain.save_checkpoint(path)
+    return plain, path
+
+
+def test_bcp_starts_in_stage_two_from_all_weights_of_an_nnunet_model(trainer, tmp_path, ext_trainer_env):
+    from nnunetv2_bcp import nnUNetTrainerBCP
+    plain, model = _plain_model(trainer, tmp_path)
+    fold = "3"  # an output folder of its own
+    run_cli("nnUNetv2_bcp_start_from_model", "990", "3d_fullres", fold, "-tr", "nnUNetTrainerBCP", "-m", model,
+            env=ext_trainer_env)
+    started = nnUNetTrainerBCP(_plans(trainer), "3d_fullres", int(fold), trainer.dataset_json, torch.device("cpu"))
+    start = join(started.output_folder, "checkpoint_latest.pth")
+    started.load_checkpoint(start)  # what nnUNetv2_train --c does
+    assert started.current_epoch == 0 and started.in_stage_two()
+    for name, value in plain.network.state_dict().items():  # every weight, segmentation heads included
+        assert torch.equal(started.network.state_dict()[name], value), name
+        assert torch.equal(started.teacher.state_dict()[name], value), name
+    assert any("seg_layers" in name for name in plain.network.state_dict())
+    # the command refuses to overwrite a training that has begun
+    again = run_cli("nnUNetv2_bcp_start_from_model", "990", "3d_fullres", fold, "-tr", "nnUNetTrainerBCP", "-m",
+                    model, check=False, env=ext_trainer_env)
+    assert again.returncode != 0 and "already holds ['checkpoint_latest.pth']" in again.stdout + again.stderr
+    # the labeled-only control continues the same way with a plain nnU-Net trainer
+    run_cli("nnUNetv2_bcp_start_from_model", "990", "3d_fullres", fold, "-tr", "nnUNetTrainerLabelSubset", "-m", model,
+            env=ext_trainer_env)
+    labeled_only = torch.load(join(os.environ["nnUNet_results"], "Dataset990_BCPSynthetic",
+                                   "nnUNetTrainerLabelSubset__nnUNetPlans__3d_fullres", f"fold_{fold}",
+                                   "checkpoint_latest.pth"), weights_only=False)
+    assert labeled_only["current_epoch"] == 0 and "bcp" not in labeled_only
+    assert torch.equal(labeled_only["network_weights"][FIRST_CONV], plain.network.state_dict()[FIRST_CONV])
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"configuration": "2d"}, "configuration '2d', not 'nnUNetPlans', '3d_fullres'"),
+    ("labels", "labels {'background': 0, 'a': 1} differ from this dataset's"),
+])
+def test_a_model_of_other_plans_or_labels_is_refused(trainer, tmp_path, change, message):
+    from nnunetv2_bcp.training.start_from_model import start_from_model
+    if change == "labels":
+        dataset_json = dict(trainer.dataset_json, labels={"background": 0, "a": 1})
+        _, model = _plain_model(trainer, tmp_path, dataset_json=dataset_json)
+    else:
+        _, model = _plain_model(trainer, tmp_path, **change)
+    fresh = type(trainer)(_plans(trainer), "3d_fullres", 4, trainer.dataset_json, torch.device("cpu"))
+    with pytest.raises(SystemExit, match="cannot start from .*" + message.replace("(", r"\(").replace("{", r"\{")):
+        start_from_model(fresh, model)
+    assert not os.path.isdir(fresh.output_folder) or not [f for f in os.listdir(fresh.output_folder)
+                                                          if f.startswith("checkpoint")]
+
+
+def test_a_checkpoint_without_teacher_points_to_the_start_command(trainer, tmp_path):
+    _, model = _plain_model(trainer, tmp_path)
+    with pytest.raises(SystemExit, match="not by a BCP trainer.*nnUNetv2_bcp_start_from_model"):
+        trainer.load_checkpoint(model)

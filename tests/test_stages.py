@@ -1,0 +1,107 @@
+"""Stage lengths follow the schedule the user sets, the stage-1 rule reads only labels training has, and the
+optional supervised term of stage 2."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from batchgenerators.utilities.file_and_folder_operations import join, load_json
+
+from test_trainer import _batches, trainer  # noqa: F401 (fixture)
+
+
+def _new(trainer_class, synthetic_3d):
+    plans = dict(load_json(join(synthetic_3d["preprocessed"], "nnUNetPlans.json")), continue_training=False)
+    dataset_json = load_json(join(synthetic_3d["preprocessed"], "dataset.json"))
+    return trainer_class(plans, "3d_fullres", 0, dataset_json, torch.device("cpu"))
+
+
+def test_stage_lengths_follow_num_epochs_set_after_init(synthetic_3d):
+    from nnunetv2_bcp import nnUNetTrainerBCP
+    from nnunetv2_bcp.training.variants import nnUNetTrainerBCP_5epochs
+
+    class Shorter(nnUNetTrainerBCP):  # nnU-Net's way to shorten training (as its nnUNetTrainer_5epochs does)
+        def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+            super().__init__(plans, configuration, fold, dataset_json, device)
+            self.num_epochs = 100
+
+    shorter = _new(Shorter, synthetic_3d)
+    assert (shorter.pretrain_epochs(), shorter.max_pretrain_epochs()) == (20, 50)
+    settings = shorter.bcp_settings()
+    assert settings["bcp_pretrain_epochs"] == 20 and settings["bcp_max_pretrain_epochs"] == 50
+    assert _new(nnUNetTrainerBCP_5epochs, synthetic_3d).pretrain_epochs() == 1
+    shorter.bcp_pretrain_epochs = 7  # set by the user: kept
+    assert shorter.pretrain_epochs() == 7 and shorter.max_pretrain_epochs() == 50
+
+
+def test_a_stage_one_as_long_as_the_schedule_is_refused_before_training(synthetic_3d):
+    from nnunetv2_bcp import nnUNetTrainerBCP
+    t = _new(nnUNetTrainerBCP, synthetic_3d)
+    t.num_epochs, t.bcp_pretrain_epochs = 10, 10
+    with pytest.raises(SystemExit, match="bcp_pretrain_epochs=10 is not below num_epochs=10, so stage 2"):
+        t.on_train_start()
+    assert t.dataloader_train is None  # refused before any work
+    t.bcp_pretrain_epochs = 9
+    t.check_stage_lengths()
+    t.bcp_teacher_initialized = True  # started from a model in stage 2: stage 1 is not run at all
+    t.bcp_pretrain_epochs = 10
+    t.check_stage_lengths()
+
+
+class _Batches:
+    """A stand-in for nnU-Net's training loader: the same labeled batch over and over."""
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def __next__(self):
+        return copy.deepcopy(self.batch)
+
+
+def test_stage_one_rule_judges_the_student_on_labeled_training_patches(trainer, tmp_path):
+    trainer.bcp_teacher_initialized = False
+    trainer.bcp_pretrain_epochs, trainer.bcp_max_pretrain_epochs = 1, 10
+    seg_layer = trainer.network.decoder.seg_layers[-1]
+    with torch.no_grad():  # a student that predicts class 1 everywhere: class 2 is missed
+        seg_layer.weight.zero_()
+        seg_layer.bias.copy_(torch.tensor([-10.0, 10.0, -10.0]))
+    labeled, _ = _batches(trainer, 0)
+    trainer.dataloader_train = _Batches(labeled)
+    trainer.num_val_iterations_per_epoch = 2
+    # nnU-Net's validation Dice is not what the rule reads: a perfect one must not start stage 2
+    trainer.logger.log('dice_per_class_or_region', [1.0, 1.0], 0)
+    trainer.current_epoch = 0
+    trainer.on_train_epoch_end([{'loss': np.array(1.0)}])
+    dice = trainer.bcp_student_train_dice
+    target = labeled["target"][0]
+    assert np.isclose(dice[0], 2 * (target == 1).sum().item() / ((target == 1).sum().item() + target.numel()))
+    assert dice[1] == 0
+    assert "the student's Dice per class on labeled training patches" in open(trainer.log_file).read()
+    trainer.current_epoch = 1
+    assert not trainer.start_stage_two_now()
+    assert "labeled training patches is [" in open(trainer.log_file).read()
+    # kept in the checkpoint, so that --c judges the same way
+    path = str(tmp_path / "ckpt.pth")
+    trainer.save_checkpoint(path)
+    assert torch.load(path, weights_only=False)["bcp"]["student_train_dice"] == dice
+    trainer.bcp_student_train_dice = [0.8, 0.7]  # once the student has every class
+    assert trainer.start_stage_two_now()
+
+
+def test_supervised_term_adds_nnunets_loss_on_the_unmixed_labeled_patches(trainer):
+    labeled, unlabeled = _batches(trainer, 3)
+    state = copy.deepcopy((trainer.network.state_dict(), trainer.optimizer.state_dict(),
+                           trainer.teacher.state_dict()))
+    torch.manual_seed(0)
+    without = trainer.stage_two_step(labeled, unlabeled)
+    trainer.network.load_state_dict(state[0])
+    trainer.optimizer.load_state_dict(state[1])
+    trainer.teacher.load_state_dict(state[2])
+    with torch.no_grad():
+        expected = trainer.loss(trainer.network(labeled["data"]), labeled["target"]).item()
+    trainer.bcp_labeled_loss_weight = 0.5
+    torch.manual_seed(0)  # the same box and directions
+    with_term = trainer.stage_two_step(labeled, unlabeled)
+    assert np.isclose(with_term["bcp_loss_labeled"], without["bcp_loss_labeled"], rtol=1e-4)
+    assert np.isclose(with_term["loss"] - without["loss"], 0.5 * expected, rtol=1e-3, atol=1e-5)
+    assert trainer.bcp_settings()["bcp_labeled_loss_weight"] == 0.5
