@@ -3,8 +3,9 @@
 Usage (nnUNet_raw/preprocessed/results set, dataset planned and preprocessed, unlabeled images in place):
     python examples/benchmark_stream.py -d DATASET [-c 3d_fullres] [--batches 40] [--steps 5]
 
-Prints patches/s of each stream (with the augmentation workers nnU-Net_n_proc_DA gives it) and the patches/s a
-stage-2 step consumes from each stream on this machine's device, i.e. whether the streams keep up.
+Prints patches/s of each stream (with the augmentation workers the trainer gives it: nnU-Net's ``nnUNet_n_proc_DA``
+for the labeled loader, half of it for the unlabeled stream; each stream is timed alone) and the patches/s a stage-2
+step consumes from each stream on this machine's device, i.e. whether the streams keep up.
 """
 import argparse
 import time
@@ -59,8 +60,9 @@ def main():
         step = (time.perf_counter() - start) / args.steps
         print(f"dataset {args.d} {args.c}: patch {trainer.configuration_manager.patch_size}, batch {bs}, "
               f"device {args.device}")
-        print(f"labeled loader:   {lab:8.1f} patches/s")
-        print(f"unlabeled stream: {unl:8.1f} patches/s")
+        workers = lambda stream: getattr(stream, "num_processes", 0)  # noqa: E731  (0: single-threaded)
+        print(f"labeled loader:   {lab:8.1f} patches/s ({workers(labeled)} augmentation workers)")
+        print(f"unlabeled stream: {unl:8.1f} patches/s ({workers(unlabeled)} augmentation workers)")
         print(f"stage-2 step: {step:.3f} s (loading included), consuming {bs / step:.1f} patches/s from each stream")
     finally:
         shutdown_stream(unlabeled)
