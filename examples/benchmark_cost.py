@@ -2,10 +2,14 @@
 
 Usage (nnUNet_* variables set; the dataset planned, preprocessed, with unlabeled images or a label subset):
     python examples/benchmark_cost.py -d DATASET [-c 3d_fullres] [-p nnUNetPlans] [--iterations 20] [--device cpu]
+        [--data-wait-iterations N] [--filter-shape 128 128 128]
 
 Each trainer runs in its own process (so that peak memory is its own): warm-up iterations, then timed ones.
 Prints seconds per iteration, peak memory (RSS on CPU, max allocated on CUDA) and the ratios, plus a breakdown of
-the BCP step (teacher forward, pseudo-label filtering, EMA update, mixing) measured on the same batch.
+the BCP step (teacher forward, pseudo-label filtering and its share of the step, EMA update) measured on the same
+batch. ``--data-wait-iterations N`` then runs N iterations on the real streams (nnU-Net's augmentation workers,
+``nnUNet_n_proc_DA``) and reports the seconds per iteration spent waiting for batches; ``--filter-shape`` times the
+largest-component filter on a synthetic batch of two label maps of that shape as well.
 """
 import argparse
 import json
@@ -48,14 +52,13 @@ def measure(kind: str, args) -> dict:
     # the same pre-loaded batches for every iteration: the figure is compute, not data loading
     batch = next(labeled)
     ubatch = next(unlabeled) if unlabeled is not None else None
-    for stream in (labeled, validation, unlabeled):
-        shutdown_stream(stream)
     if kind == "bcp":
-        trainer.current_epoch = trainer.bcp_pretrain_epochs
+        trainer.current_epoch = trainer.pretrain_epochs()
         trainer.teacher.load_state_dict(trainer.network.state_dict())
-        step = lambda: trainer.stage_two_step(batch, ubatch)  # noqa: E731
+        step_on = trainer.stage_two_step
     else:
-        step = lambda: trainer.train_step(batch)  # noqa: E731
+        step_on = lambda b, _: trainer.train_step(b)  # noqa: E731
+    step = lambda: step_on(batch, ubatch)  # noqa: E731
     trainer.network.train()
     for _ in range(args.warmup):
         step()
@@ -73,7 +76,41 @@ def measure(kind: str, args) -> dict:
         result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
     if kind == "bcp":
         result["breakdown_seconds"] = breakdown(trainer, batch, ubatch, args)
+        if args.filter_shape:
+            result["largest_component_seconds_2x" + "x".join(map(str, args.filter_shape))] = \
+                synthetic_filter_seconds(args.filter_shape, trainer.device, args)
+    if args.data_wait_iterations:
+        result["data_wait_seconds_per_iteration"] = data_wait(step_on, labeled, unlabeled, args)
+    for stream in (labeled, validation, unlabeled):
+        shutdown_stream(stream)
     return result
+
+
+def data_wait(step_on, labeled, unlabeled, args) -> float:
+    """Seconds per iteration spent in ``next()`` of the streams while training on their batches."""
+    waited = 0.0
+    for _ in range(args.data_wait_iterations):
+        start = time.perf_counter()
+        batch = next(labeled)
+        ubatch = next(unlabeled) if unlabeled is not None else None
+        waited += time.perf_counter() - start
+        step_on(batch, ubatch)
+    _sync(args.device)
+    return waited / args.data_wait_iterations
+
+
+def synthetic_filter_seconds(shape, device, args) -> float:
+    """The largest-component filter on two smooth random 3-class label maps of ``shape`` (many components)."""
+    from nnunetv2_bcp.bcp import keep_largest_component
+    noise = torch.nn.functional.avg_pool3d(torch.randn(2, 1, *shape, device=device), 5, stride=1, padding=2)
+    labels = torch.bucketize(noise, torch.tensor([0.1, 0.2], device=device)).to(torch.int16)
+    keep_largest_component(labels)
+    _sync(args.device)
+    start = time.perf_counter()
+    for _ in range(5):
+        keep_largest_component(labels)
+    _sync(args.device)
+    return (time.perf_counter() - start) / 5
 
 
 def breakdown(trainer, batch, ubatch, args) -> dict:
@@ -93,10 +130,12 @@ def breakdown(trainer, batch, ubatch, args) -> dict:
     with torch.no_grad():
         logits = trainer.teacher(unlabeled)
     labels = pseudo_labels(logits, trainer.label_manager.has_regions)
-    return {"teacher_forward": timed(lambda: torch.no_grad()(trainer.teacher)(unlabeled)),
-            "largest_component": timed(lambda: keep_largest_component(labels, trainer.label_manager.has_regions)),
-            "ema_update": timed(lambda: ema_update_(trainer.teacher, trainer.network, 0.99)),
-            "whole_step": timed(lambda: trainer.stage_two_step(batch, ubatch), repeats=3)}
+    seconds = {"teacher_forward": timed(lambda: torch.no_grad()(trainer.teacher)(unlabeled)),
+               "largest_component": timed(lambda: keep_largest_component(labels, trainer.label_manager.has_regions)),
+               "ema_update": timed(lambda: ema_update_(trainer.teacher, trainer.network, 0.99)),
+               "whole_step": timed(lambda: trainer.stage_two_step(batch, ubatch), repeats=3)}
+    seconds["largest_component_share"] = seconds["largest_component"] / seconds["whole_step"]
+    return seconds
 
 
 def main():
@@ -108,6 +147,10 @@ def main():
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--data-wait-iterations", type=int, default=0,
+                        help="then N iterations on the real streams, timing the waits for batches (0: skip)")
+    parser.add_argument("--filter-shape", type=int, nargs="+", default=None,
+                        help="also time the largest-component filter on 2 synthetic label maps of this shape")
     parser.add_argument("--only", choices=["plain", "bcp"], help=argparse.SUPPRESS)
     parser.add_argument("-o", default=None, help="append the result as a JSON line to this file")
     args = parser.parse_args()
@@ -115,9 +158,11 @@ def main():
         print(json.dumps(measure(args.only, args)))
         return
     results = {}
+    # without the data-wait run the streams only deliver the first batch: no augmentation workers
+    env = dict(os.environ) if args.data_wait_iterations else dict(os.environ, nnUNet_n_proc_DA="0")
     for kind in ("plain", "bcp"):
         out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--only", kind], capture_output=True,
-                             text=True, env=dict(os.environ, nnUNet_n_proc_DA="0"))
+                             text=True, env=env)
         if out.returncode != 0:
             raise SystemExit(out.stderr[-3000:])
         results[kind] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -136,6 +181,11 @@ def main():
               f"({memory_key})")
     print(f"  ratio BCP/plain: time {summary['time_ratio']:.3f}x, memory {summary['memory_ratio']:.3f}x")
     print("  BCP step breakdown [s]: " + ", ".join(f"{k} {v:.3f}" for k, v in bcp["breakdown_seconds"].items()))
+    for key in sorted(k for k in bcp if k.startswith("largest_component_seconds")):
+        print(f"  {key}: {bcp[key]:.4f}")
+    if args.data_wait_iterations:
+        print("  waiting for data [s/iteration]: " + ", ".join(
+            f"{kind} {results[kind]['data_wait_seconds_per_iteration']:.4f}" for kind in ("plain", "bcp")))
     if args.o:
         os.makedirs(os.path.dirname(os.path.abspath(args.o)), exist_ok=True)
         with open(args.o, "a") as f:

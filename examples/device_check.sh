@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# The GPU check of issue 13: the CUDA tests (tests/test_cuda.py) and the cost benchmark (examples/benchmark_cost.py:
+# nnU-Net's step vs BCP stage 2 on MSD Hippocampus 3d_fullres, nnU-Net's own plans and batch size), then an optional
+# extra command with the time that is left. Made for the device tool's machines: PyTorch but no nnU-Net, no network,
+# at most 64 MiB carried per call, 10 minutes per command, 15 minutes of device time per session.
+#
+# BEFORE (here, once; the folders are ignored through .git/info/exclude: /.whl/ /.whl-big/ /.device/)
+#   1. Wheels (cp312, manylinux x86-64) of what the device image lacks, into .whl/ (versions as in .venv):
+#        P="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64
+#           --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any"
+#        python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $P -d .whl \
+#          nnunetv2==2.8.1 simpleitk==2.5.7 nibabel==5.4.2 blosc2==4.14.1 ndindex==1.10.1 numexpr==2.14.2 \
+#          connected-components-3d==4.1.1 batchgenerators==0.25.5 batchgeneratorsv2==0.3.6 \
+#          dynamic_network_architectures==0.4.4 yacs==0.1.8 graphviz==0.21
+#        python -m pip wheel --no-deps -w .whl acvl_utils==0.2.6      # sdist only: a pure-Python wheel
+#      SimpleITK's wheel (52.8 MB) does not fit beside the rest; repack its installed files with xz (28.9 MB):
+#        mkdir -p .whl-big && mv .whl/simpleitk-*.whl .whl-big/ && d=$(mktemp -d) && unzip -q .whl-big/simpleitk-*.whl -d $d
+#        tar cf - -C $d . | xz -6 -T2 > .whl/simpleitk-2.5.7-site.tar.xz
+#      Everything else nnU-Net imports is in the device image (numpy, scipy, scikit-image, pandas, timm, einops, ...).
+#   2. Data (7 MB): MSD Hippocampus planned and preprocessed by nnU-Net (plans from all cases), 30 of its cases:
+#        python examples/benchmark_label_scarce.py prepare --msd ../shared/data/Task04_Hippocampus -w .device/bench
+#        python examples/device/make_cost_data.py -i .device/bench/nnUNet_preprocessed/Dataset604_Hippocampus -o .device/data
+#   3. Dry run here (writes to .device/out; the CUDA tests skip; slow on 2 cores):
+#        bash examples/device_check.sh --device cpu --python .venv/bin/python --iterations 2 --site .device/site-dry \
+#          --budget 1500 --cost-cap 1200 -- echo extra
+#
+# THE CALL (one; about 53 MB travels: .whl 45.5 MB, .device/data 7.2 MB, the tracked tree 0.4 MB)
+#   run(command="bash examples/device_check.sh", carry=[".whl", ".device/data"], timeout_s=450)
+# The cost benchmark first (at most 150 s), then the CUDA tests (at most 240 s), 430 s in all (--budget): a warm
+# rerun of a part (--skip-tests / --skip-cost) still fits the 15 minutes.
+# It prints as it goes and writes to $OUT: env.txt, cost.log, cost.jsonl, cuda_tests.log, cuda_tests.xml (junit)
+# (one JSON line: seconds/iteration and peak CUDA memory of both trainers, their ratios, the BCP breakdown with the
+# largest-component filter's share, the filter on 2x128^3, the data waiting), extra.log. Append $OUT/cost.jsonl to
+# examples/results/cost.jsonl here. Compile: the cost benchmark runs eager (nnUNet_compile=f; compiling both trainers
+# would take minutes of the budget); the compiled path is covered by one CUDA test on a tiny network.
+#
+# AN EXTRA COMMAND gets what is left of --budget (default 430 s of the call's timeout_s), e.g. a short label-scarce
+# protocol. Its work dir (.device/bench: 57.9 MB) does not fit beside the wheels: carry it in a second call chained
+# within the 30 s the machine stays warm; the first call's installation in .device/site stays there:
+#   run(command="bash examples/device_check.sh --skip-tests --skip-cost --budget SECONDS_LEFT -- python \
+#        examples/benchmark_label_scarce.py protocol -w .device/bench ... --device cuda", carry=[".device/bench"],
+#       timeout_s=<device seconds left, at most 600>)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+
+DEVICE=cuda PYTHON=python3 ITERATIONS=20 BUDGET=430 SKIP_TESTS=0 SKIP_COST=0 TESTS_CAP=240 COST_CAP=150
+WHEELS=.whl SITE=.device/site DATA=.device/data
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --device) DEVICE=$2; shift 2 ;;
+        --python) PYTHON=$2; shift 2 ;;
+        --iterations) ITERATIONS=$2; shift 2 ;;
+        --budget) BUDGET=$2; shift 2 ;;           # seconds this script may take in all
+        --site) SITE=$2; shift 2 ;;
+        --data) DATA=$2; shift 2 ;;
+        --tests-cap) TESTS_CAP=$2; shift 2 ;;    # seconds at most for the CUDA tests (default 240)
+        --cost-cap) COST_CAP=$2; shift 2 ;;      # and for the cost benchmark (default 150)
+        --skip-tests) SKIP_TESTS=1; shift ;;
+        --skip-cost) SKIP_COST=1; shift ;;
+        --) shift; break ;;
+        *) echo "unknown argument $1 (see the header of $0)"; exit 2 ;;
+    esac
+done
+EXTRA=("$@")
+case $PYTHON in */*) PYTHON=$(realpath -s "$PYTHON") ;; esac  # the tests run from tests/
+START=$SECONDS
+OUT=${OUT:-$REPO/.device/out}
+mkdir -p "$OUT"
+left() { echo $((BUDGET - (SECONDS - START))); }
+# a phase's time limit: its own cap, or what is left of the budget minus a reserve for the phases after it
+limit() { local cap=$1 reserve=$2 rest; rest=$(( $(left) - reserve )); [ "$rest" -lt "$cap" ] && cap=$rest; echo $cap; }
+phase() { echo; echo "=== $* ($(left) s of the budget left)"; }
+
+export nnUNet_def_n_proc=${nnUNet_def_n_proc:-8} nnUNet_compile=${nnUNet_compile:-f} PYTHONUNBUFFERED=1
+
+# ------------------------------------------------------------------ install what the device lacks into $SITE
+phase "install"
+if [ ! -f "$SITE/.installed" ]; then
+    rm -rf "$SITE" && mkdir -p "$SITE"
+    # --python-version: the same wheel set is checked here (Python 3.11) as is installed there (3.12)
+    $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+        --only-binary=:all: --python-version 3.12 --implementation cp "$WHEELS"/*.whl || exit 1
+    tar xJf "$WHEELS"/simpleitk-*-site.tar.xz -C "$SITE" || exit 1
+    touch "$SITE/.installed"
+fi
+# the plugin itself from this tree (its console scripts too), every call: the tree may have changed
+$PYTHON -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target "$SITE/plugin" . \
+    >/dev/null 2>&1 || { echo "installing the plugin failed"; exit 1; }
+if [ "$($PYTHON -c 'import sys; print(sys.version_info[:2] == (3, 12))')" = True ]; then
+    export PYTHONPATH=$REPO/$SITE/plugin:$REPO/$SITE PATH=$REPO/$SITE/plugin/bin:$REPO/$SITE/bin:$PATH
+else  # the dry run here: the wheels are cp312; this interpreter's own environment has their cp311 builds
+    echo "$PYTHON is not Python 3.12: wheels installed into $SITE only to check the set; running on its own packages"
+    export PYTHONPATH=$REPO
+fi
+export nnUNet_extTrainer=$($PYTHON -c "import nnunetv2_bcp; print(nnunetv2_bcp.ext_trainer_dir())")
+{
+    echo "device $DEVICE, $(date -u +%FT%TZ), git $(git rev-parse --short HEAD 2>/dev/null) $(git status --short 2>/dev/null | wc -l) changed files"
+    $PYTHON -c "import sys, torch, nnunetv2, SimpleITK, blosc2, cc3d, nibabel, nnunetv2_bcp.training.nnUNetTrainerBCP as t
+print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available(),
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')
+print('SimpleITK', SimpleITK.Version_VersionString(), 'blosc2', blosc2.__version__, 'plugin from', t.__file__)" \
+        || { echo "imports failed"; exit 1; }
+    if command -v nvidia-smi >/dev/null; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; fi
+} 2>&1 | tee "$OUT/env.txt" || exit 1
+
+# ------------------------------------------------------------------ cost benchmark on Hippocampus
+if [ "$SKIP_COST" = 0 ]; then
+    phase "cost benchmark"
+    dataset=$(ls "$DATA/nnUNet_preprocessed")
+    work=$(mktemp -d)
+    # no nnUNet_raw: training reads only the preprocessed data
+    env -u nnUNet_raw nnUNet_preprocessed=$REPO/$DATA/nnUNet_preprocessed nnUNet_results=$work/results \
+        timeout "$(limit "$COST_CAP" 150)" $PYTHON examples/benchmark_cost.py -d "$dataset" -c 3d_fullres -p nnUNetPlans \
+        --device "$DEVICE" --iterations "$ITERATIONS" --data-wait-iterations "$ITERATIONS" \
+        --filter-shape 128 128 128 -o "$OUT/cost.jsonl" 2>&1 | tee "$OUT/cost.log"
+    echo "cost benchmark: exit status ${PIPESTATUS[0]}"
+fi
+
+# ------------------------------------------------------------------ CUDA tests
+if [ "$SKIP_TESTS" = 0 ]; then
+    phase "CUDA tests"
+    (cd tests && timeout "$(limit "$TESTS_CAP" 5)" $PYTHON -m pytest -rs -v -p no:cacheprovider test_cuda.py \
+        --junitxml="$OUT/cuda_tests.xml") 2>&1 | tee "$OUT/cuda_tests.log"
+    echo "CUDA tests: exit status ${PIPESTATUS[0]}"
+fi
+
+# ------------------------------------------------------------------ the extra command, with the time left
+if [ ${#EXTRA[@]} -gt 0 ]; then
+    phase "extra: ${EXTRA[*]}"
+    timeout "$(limit 100000 5)" "${EXTRA[@]}" 2>&1 | tee "$OUT/extra.log"
+    echo "extra command: exit status ${PIPESTATUS[0]}"
+fi
+echo; echo "done in $((SECONDS - START)) s; results in $OUT: $(ls "$OUT" | tr '\n' ' ')"
