@@ -11,12 +11,14 @@
 #        python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $P -d .whl \
 #          nnunetv2==2.8.1 simpleitk==2.5.7 nibabel==5.4.2 blosc2==4.14.1 ndindex==1.10.1 numexpr==2.14.2 \
 #          connected-components-3d==4.1.1 batchgenerators==0.25.5 batchgeneratorsv2==0.3.6 \
-#          dynamic_network_architectures==0.4.4 yacs==0.1.8 graphviz==0.21
+#          dynamic_network_architectures==0.4.4 yacs==0.1.8 graphviz==0.21 timm==1.0.22
 #        python -m pip wheel --no-deps -w .whl acvl_utils==0.2.6      # sdist only: a pure-Python wheel
 #      SimpleITK's wheel (52.8 MB) does not fit beside the rest; repack its installed files with xz (28.9 MB):
 #        mkdir -p .whl-big && mv .whl/simpleitk-*.whl .whl-big/ && d=$(mktemp -d) && unzip -q .whl-big/simpleitk-*.whl -d $d
 #        tar cf - -C $d . | xz -6 -T2 > .whl/simpleitk-2.5.7-site.tar.xz
-#      Everything else nnU-Net imports is in the device image (numpy, scipy, scikit-image, pandas, timm, einops, ...).
+#      Everything else nnU-Net imports is in the device image (numpy, scipy, scikit-image, pandas, einops, ...); timm
+#      is there too, but dynamic_network_architectures wants timm<1.0.23 and nnUNetv2_train's trainer search imports
+#      its Primus models, so 1.0.22 travels (2.5 MB).
 #   2. Data (7 MB): MSD Hippocampus planned and preprocessed by nnU-Net (plans from all cases), 30 of its cases:
 #        python examples/benchmark_label_scarce.py prepare --msd ../shared/data/Task04_Hippocampus -w .device/bench
 #        python examples/device/make_cost_data.py -i .device/bench/nnUNet_preprocessed/Dataset604_Hippocampus -o .device/data
@@ -24,7 +26,7 @@
 #        bash examples/device_check.sh --device cpu --python .venv/bin/python --iterations 2 --site .device/site-dry \
 #          --budget 1500 --cost-cap 1200 -- echo extra
 #
-# THE CALL (one; about 53 MB travels: .whl 45.5 MB, .device/data 7.2 MB, the tracked tree 0.4 MB)
+# THE CALL (one; about 55.7 MB of the 67.1 MB (64 MiB) travels: .whl 48.0 MB, .device/data 7.2 MB, the tree 0.5 MB)
 #   run(command="bash examples/device_check.sh", carry=[".whl", ".device/data"], timeout_s=450)
 # The cost benchmark first (at most 150 s), then the CUDA tests (at most 240 s), 430 s in all (--budget): a warm
 # rerun of a part (--skip-tests / --skip-cost) still fits the 15 minutes.
@@ -96,10 +98,12 @@ fi
 export nnUNet_extTrainer=$($PYTHON -c "import nnunetv2_bcp; print(nnunetv2_bcp.ext_trainer_dir())")
 {
     echo "device $DEVICE, $(date -u +%FT%TZ), git $(git rev-parse --short HEAD 2>/dev/null) $(git status --short 2>/dev/null | wc -l) changed files"
-    $PYTHON -c "import sys, torch, nnunetv2, SimpleITK, blosc2, cc3d, nibabel, nnunetv2_bcp.training.nnUNetTrainerBCP as t
+    $PYTHON -c "import sys, torch, nnunetv2, SimpleITK, blosc2, cc3d, nibabel, timm, nnunetv2_bcp.training.nnUNetTrainerBCP as t
+import dynamic_network_architectures.architectures.primus  # what nnUNetv2_train's trainer search imports
 print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')
-print('SimpleITK', SimpleITK.Version_VersionString(), 'blosc2', blosc2.__version__, 'plugin from', t.__file__)" \
+print('SimpleITK', SimpleITK.Version_VersionString(), 'blosc2', blosc2.__version__, 'timm', timm.__version__,
+      'plugin from', t.__file__)" \
         || { echo "imports failed"; exit 1; }
     if command -v nvidia-smi >/dev/null; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; fi
 } 2>&1 | tee "$OUT/env.txt" || exit 1
