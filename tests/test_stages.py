@@ -102,6 +102,6 @@ def test_supervised_term_adds_nnunets_loss_on_the_unmixed_labeled_patches(traine
     trainer.bcp_labeled_loss_weight = 0.5
     torch.manual_seed(0)  # the same box and directions
     with_term = trainer.stage_two_step(labeled, unlabeled)
-    assert np.isclose(with_term["bcp_loss_labeled"], without["bcp_loss_labeled"], rtol=1e-4)
+    assert np.isclose(with_term["bcp"]["bcp_loss_labeled"], without["bcp"]["bcp_loss_labeled"], rtol=1e-4)
     assert np.isclose(with_term["loss"] - without["loss"], 0.5 * expected, rtol=1e-3, atol=1e-5)
     assert trainer.bcp_settings()["bcp_labeled_loss_weight"] == 0.5

@@ -215,8 +215,9 @@ def test_stage_two_loss_depends_on_the_unlabeled_images(trainer):
     torch.manual_seed(1)
     b = trainer.stage_two_step(labeled, changed)
     assert not np.isclose(a["loss"], b["loss"])
-    assert 0 <= a["bcp_agreement"] <= 1 and a["bcp_pseudo_fg_fraction"].shape == (2,)
-    assert np.isclose(a["loss"], a["bcp_loss_labeled"] + 0.5 * a["bcp_loss_unlabeled"], rtol=1e-5)
+    figures = a["bcp"]  # per-step figures stay on the device until the epoch ends
+    assert 0 <= figures["bcp_agreement"] <= 1 and figures["bcp_pseudo_fg_fraction"].shape == (2,)
+    assert np.isclose(a["loss"], figures["bcp_loss_labeled"] + 0.5 * figures["bcp_loss_unlabeled"], rtol=1e-5)
 
 
 def test_teacher_is_the_ema_of_the_student_trajectory(trainer):
@@ -273,10 +274,11 @@ def test_a_teacher_that_misses_classes_is_reported(trainer):
         seg_layer.weight.zero_()
         seg_layer.bias.copy_(torch.tensor([10.0, -10.0, -10.0]))
     out = trainer.stage_two_step(*_batches(trainer, 0))
-    assert out["bcp_pseudo_fg_fraction"].tolist() == [0.0, 0.0]
+    assert out["bcp"]["bcp_pseudo_fg_fraction"].tolist() == [0.0, 0.0]
     # _batches' labels are uniform over {0, 1, 2}: each class holds about a third of the labeled voxels
-    assert np.allclose(out["bcp_labeled_fg_fraction"], 1 / 3, atol=0.02)
+    assert np.allclose(out["bcp"]["bcp_labeled_fg_fraction"], 1 / 3, atol=0.02)
     trainer.on_train_epoch_end([out])
+    assert os.path.isfile(join(trainer.output_folder, "bcp_progress.png"))
     log = open(trainer.log_file).read()
     assert "the teacher's pseudo-labels hold classes [1, 2] on [0.0, 0.0] of the unlabeled voxels" in log
     assert "raise bcp_pretrain_epochs" in log

@@ -9,7 +9,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
-from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json, save_json
+from batchgenerators.utilities.file_and_folder_operations import join, save_json
 from nnunetv2.paths import nnUNet_raw
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -20,59 +20,27 @@ from torch import autocast
 from nnunetv2_bcp.bcp import (BCPLoss, bcp_total, copy_paste, downsample_mask, ema_update_, inward_directions,
                               keep_largest_component, labeled_origin, labeled_partner, mix_by_origin, pseudo_labels,
                               random_box_mask, unwrap_network)
+from nnunetv2_bcp.training.diagnostics import (LOW_PSEUDO_LABEL_SHARE, classes_below_share, epoch_figures,
+                                               record_progress, skipped_step_figures, step_figures)
 from nnunetv2_bcp.training.checkpoint import (incompatibility, loading, remove_stale_checkpoint_temporaries,
                                               saving_atomically_with)
-from nnunetv2_bcp.unlabeled.label_subset import fold_subset, label_subset_path, load_label_subset
+from nnunetv2_bcp.training.nnUNetTrainerLabelSubset import LabelSubsetMixin
 from nnunetv2_bcp.unlabeled.loader import (UnlabeledDataset, make_unlabeled_stream, shutdown_stream,
                                            unlabeled_augmentation_workers)
 from nnunetv2_bcp.unlabeled.preprocess import unlabeled_cases_for_training
 from nnunetv2_bcp.unlabeled.raw import UNLABELED_FOLDER, UnlabeledDataError
 
 # Share of the schedule spent in stage 1. The reference code pre-trains 10k of 40k iterations on ACDC (25%) and
-# 2k of 17k on LA (12%); 20% of nnU-Net's 1000 epochs (200) lies between the two.
+# 2k of 17k on LA (12%); 20% lies between the two.
 PRETRAIN_FRACTION = 0.2
-# Stage 1 goes on past bcp_pretrain_epochs while the student's validation pseudo Dice of some class is below this,
-# up to this share of the schedule: a teacher that cannot see a class teaches the student to miss it (measured in
-# the label-scarce benchmark: with K=4 and 8 of 40 epochs of stage 1 the posterior hippocampus was never learnt).
+# Stage 1 goes on past its length while the student's Dice of some class on its labeled training patches is below
+# this, up to this share of the schedule: a teacher that cannot see a class teaches the student to miss it.
 PRETRAIN_MIN_DICE = 0.1
 MAX_PRETRAIN_FRACTION = 0.5
-# warn when the teacher's pseudo-labels hold a class on less than this share of its frequency in the labeled patches
-LOW_PSEUDO_LABEL_SHARE = 0.25
 
 
 def default_pretrain_epochs(num_epochs: int) -> int:
     return int(round(PRETRAIN_FRACTION * num_epochs))
-
-
-class LabelSubsetMixin:
-    """Restricts a trainer's labeled training cases to the fold's entry of ``bcp_label_subset.json`` (if present);
-    nnU-Net's split and validation cases stay as they are."""
-
-    def _label_subset_of_fold(self):
-        path = label_subset_path(self.preprocessed_dataset_folder_base)
-        if not isfile(path):
-            return None
-        ids = self.dataset_class.get_identifiers(self.preprocessed_dataset_folder)
-        return fold_subset(load_label_subset(self.preprocessed_dataset_folder_base, ids), self.fold, path)
-
-    def get_tr_and_val_datasets(self):
-        """nnU-Net's split; with a label subset only the fold's labeled cases stay in the labeled dataset."""
-        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
-        subset = self._label_subset_of_fold()
-        if subset is not None:
-            outside = sorted(set(subset["labeled"]) - set(dataset_tr.identifiers))
-            if outside:
-                raise UnlabeledDataError(f"{label_subset_path(self.preprocessed_dataset_folder_base)}: labeled "
-                                         f"cases {outside[:5]} are not training cases of fold {self.fold}")
-            dataset_tr = self.dataset_class(self.preprocessed_dataset_folder, list(subset["labeled"]),
-                                            self.folder_with_segs_from_previous_stage)
-            self.print_to_log_file(f"Label subset: {len(subset['labeled'])} labeled training cases, "
-                                   f"{len(subset['unlabeled'])} training cases with their labels dropped")
-        return dataset_tr, dataset_val
-
-
-class nnUNetTrainerLabelSubset(LabelSubsetMixin, nnUNetTrainer):
-    """Plain nnU-Net trained only on the labeled cases of the label subset: the labeled-only baseline of BCP."""
 
 
 class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
@@ -210,6 +178,7 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
         if self.local_rank == 0:
             save_json(self.bcp_settings(), join(self.output_folder, "bcp_settings.json"), sort_keys=False)
         self.print_to_log_file("BCP settings:", self.bcp_settings())
+        self.logger.update_config(self.bcp_settings())  # e.g. W&B, when nnUNet_wandb_enabled
 
     def on_train_end(self):
         super().on_train_end()
@@ -370,8 +339,9 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
         self.bcp_nonfinite_in_a_row = 0
         ema_update_(self.teacher, self.network, self.bcp_ema_decay)
         self.bcp_iteration += 1
-        return {'loss': loss.detach().cpu().numpy(), **self._stage_two_figures(mixed_outputs[0], mixed_targets[0],
-                                                                                  masks[0], pseudo, targets[0], terms)}
+        return {'loss': loss.detach().cpu().numpy(),
+                'bcp': step_figures(mixed_outputs[0], mixed_targets[0], masks[0], pseudo, targets[0], terms,
+                                    self.label_manager)}
 
     def _backward_and_step(self, loss: torch.Tensor) -> bool:
         """nnU-Net's backward, clipping and step, except that a step with non-finite gradients is skipped (returns
@@ -409,40 +379,11 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
         if self.bcp_nonfinite_in_a_row >= self.bcp_max_nonfinite_steps:
             raise FloatingPointError(f"{message}. {self.bcp_nonfinite_in_a_row} non-finite steps in a row: "
                                      f"stopping; check these cases and the learning rate")
-        nan = float("nan")
-        classes = self._foreground_classes()
-        return {'loss': np.array(nan), 'bcp_loss_labeled': nan, 'bcp_loss_unlabeled': nan,
-                'bcp_pseudo_fg_fraction': np.full(len(classes), nan), 'bcp_agreement': nan,
-                'bcp_labeled_fg_fraction': np.full(len(classes), nan)}
-
-    @torch.no_grad()
-    def _stage_two_figures(self, logits, mixed_target, from_labeled, pseudo, labeled_target, terms) -> dict:
-        """Per-step figures for the log: both loss terms, foreground fraction per class/region in the teacher's
-        pseudo-labels and in the labeled patches' targets, student-teacher agreement on the unlabeled-origin voxels
-        of the mixed images."""
-        regions = self.label_manager.has_regions
-        student = pseudo_labels(logits.float(), region_based=regions)
-        if regions:
-            agree = (student == mixed_target[:, :student.shape[1]].bool()).all(1, keepdim=True)
-        else:
-            agree = student == mixed_target
-        unlabeled_voxels = ~from_labeled
-        agreement = (agree & unlabeled_voxels).sum() / unlabeled_voxels.sum().clamp_min(1)
-        return {'bcp_loss_labeled': terms[0].item(), 'bcp_loss_unlabeled': terms[1].item(),
-                'bcp_pseudo_fg_fraction': self._foreground_fractions(pseudo), 'bcp_agreement': agreement.item(),
-                'bcp_labeled_fg_fraction': self._foreground_fractions(labeled_target)}
-
-    def _foreground_fractions(self, segmentation: torch.Tensor) -> np.ndarray:
-        """Share of the voxels per foreground class (label map) or region (one-hot channels, any extra channel
-        after the regions ignored)."""
-        if self.label_manager.has_regions:
-            num_regions = len(self.label_manager.foreground_regions)
-            fractions = segmentation[:, :num_regions].float().mean(dim=(0, *range(2, segmentation.ndim)))
-        else:
-            fractions = torch.stack([(segmentation == c).float().mean() for c in self.label_manager.foreground_labels])
-        return fractions.cpu().numpy()
+        return {'loss': np.array(float("nan")),
+                'bcp': skipped_step_figures(len(self._foreground_classes()), self.device)}
 
     def on_train_epoch_end(self, train_outputs: List[dict]):
+        steps = [o.pop('bcp') for o in train_outputs if 'bcp' in o]  # nnU-Net's collate_outputs takes no tensors
         super().on_train_epoch_end(train_outputs)
         if not self.in_stage_two():
             if self.bcp_pretrain_min_dice and self.current_epoch + 1 >= self.pretrain_epochs():
@@ -450,11 +391,12 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
                 self.print_to_log_file("BCP: the student's Dice per class on labeled training patches",
                                        np.round(self.bcp_student_train_dice, 4).tolist())
             return
-        if 'bcp_agreement' not in train_outputs[0]:
-            return
-        figures = {k: np.nanmean(np.stack([o[k] for o in train_outputs]), axis=0).tolist()
-                   for k in ('bcp_loss_labeled', 'bcp_loss_unlabeled', 'bcp_pseudo_fg_fraction', 'bcp_agreement',
-                             'bcp_labeled_fg_fraction')}
+        if steps:
+            self.report_stage_two_epoch(epoch_figures(steps))
+
+    def report_stage_two_epoch(self, figures: dict) -> None:
+        """Log the epoch's figures (averaged over ranks), warn about classes the teacher hardly labels, and record
+        them in ``bcp_progress.json`` / ``.png``."""
         if self.is_ddp:
             import torch.distributed as dist
             gathered = [None] * dist.get_world_size()
@@ -469,22 +411,16 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
             f"the labeled patches {np.round(figures['bcp_labeled_fg_fraction'], 4).tolist()}")
         self._warn_if_teacher_misses_classes(figures['bcp_pseudo_fg_fraction'], figures['bcp_labeled_fg_fraction'])
         if self.local_rank == 0:
-            history_file = join(self.output_folder, "bcp_progress.json")
-            history = load_json(history_file) if isfile(history_file) else []
-            history = [h for h in history if h["epoch"] < self.current_epoch] + [
-                {"epoch": self.current_epoch, **figures}]
-            save_json(history, history_file, sort_keys=False)
+            record_progress(self.output_folder, self.current_epoch, figures,
+                            [str(_plain(c)) for c in self._foreground_classes()])
 
     def _warn_if_teacher_misses_classes(self, pseudo_fg_fraction: List[float],
                                         labeled_fg_fraction: List[float]) -> None:
         """A teacher that (almost) never labels a class gives that class mostly background on unlabeled-origin
-        voxels, which teaches the student to miss it. Seen on short schedules whose stage 1 ended before the student
-        had learnt every class (examples/benchmark_label_scarce.py: K=4, no posterior pseudo-label for 26 epochs;
-        K=2, anterior pseudo-labels on 0.002-0.005 of the voxels for 5 epochs, about 0.02 once learnt). Judged
-        against the class's share in the labeled patches of the same epoch; a class absent from those is not
-        judged."""
-        rare = [(_plain(n), p, q) for n, p, q in zip(self._foreground_classes(), pseudo_fg_fraction,
-                                                     labeled_fg_fraction) if p < LOW_PSEUDO_LABEL_SHARE * q]
+        voxels, which teaches the student to miss it: seen on short schedules whose stage 1 ended before the
+        student had learnt every class."""
+        rare = classes_below_share([_plain(c) for c in self._foreground_classes()], pseudo_fg_fraction,
+                                   labeled_fg_fraction)
         if rare:
             regions = self.label_manager.has_regions
             kind = ("region" if regions else "class") if len(rare) == 1 else ("regions" if regions else "classes")
@@ -494,7 +430,7 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
                 f"{[round(q, 4) for _, _, q in rare]} in the labeled patches (less than {LOW_PSEUDO_LABEL_SHARE:g} "
                 f"of it), so they are mostly trained as background there. If this lasts more than a few epochs, "
                 f"stage 1 was too short for the teacher to learn them: raise bcp_pretrain_epochs "
-                f"(now {self.bcp_pretrain_epochs}) or bcp_pretrain_min_dice (now {self.bcp_pretrain_min_dice}).")
+                f"(now {self.pretrain_epochs()}) or bcp_pretrain_min_dice (now {self.bcp_pretrain_min_dice}).")
 
     # ------------------------------------------------------------------ checkpoints
     def bcp_state(self) -> dict:

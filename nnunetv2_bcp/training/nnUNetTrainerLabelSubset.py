@@ -1,0 +1,38 @@
+"""nnU-Net restricted to the labeled cases of a label subset (``nnUNetv2_bcp_label_subset``): the labeled-only
+baseline of BCP, and the mixin that BCP shares with it."""
+from batchgenerators.utilities.file_and_folder_operations import isfile
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunetv2_bcp.unlabeled.label_subset import fold_subset, label_subset_path, load_label_subset
+from nnunetv2_bcp.unlabeled.raw import UnlabeledDataError
+
+
+class LabelSubsetMixin:
+    """Restricts a trainer's labeled training cases to the fold's entry of ``bcp_label_subset.json`` (if present);
+    nnU-Net's split and validation cases stay as they are."""
+
+    def _label_subset_of_fold(self):
+        path = label_subset_path(self.preprocessed_dataset_folder_base)
+        if not isfile(path):
+            return None
+        ids = self.dataset_class.get_identifiers(self.preprocessed_dataset_folder)
+        return fold_subset(load_label_subset(self.preprocessed_dataset_folder_base, ids), self.fold, path)
+
+    def get_tr_and_val_datasets(self):
+        """nnU-Net's split; with a label subset only the fold's labeled cases stay in the labeled dataset."""
+        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        subset = self._label_subset_of_fold()
+        if subset is not None:
+            outside = sorted(set(subset["labeled"]) - set(dataset_tr.identifiers))
+            if outside:
+                raise UnlabeledDataError(f"{label_subset_path(self.preprocessed_dataset_folder_base)}: labeled "
+                                         f"cases {outside[:5]} are not training cases of fold {self.fold}")
+            dataset_tr = self.dataset_class(self.preprocessed_dataset_folder, list(subset["labeled"]),
+                                            self.folder_with_segs_from_previous_stage)
+            self.print_to_log_file(f"Label subset: {len(subset['labeled'])} labeled training cases, "
+                                   f"{len(subset['unlabeled'])} training cases with their labels dropped")
+        return dataset_tr, dataset_val
+
+
+class nnUNetTrainerLabelSubset(LabelSubsetMixin, nnUNetTrainer):
+    """Plain nnU-Net trained only on the labeled cases of the label subset: the labeled-only baseline of BCP."""

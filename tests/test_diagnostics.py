@@ -1,0 +1,38 @@
+"""Stage-2 diagnostics: per-step figures on the device, epoch means, bcp_progress.json and bcp_progress.png."""
+import json
+
+import numpy as np
+import torch
+from matplotlib.image import imread
+
+from nnunetv2_bcp.training.diagnostics import (PROGRESS_JSON, PROGRESS_PNG, classes_below_share, epoch_figures,
+                                               record_progress, skipped_step_figures)
+
+
+def _figures(num_classes, value):
+    return {"bcp_loss_labeled": torch.tensor(value), "bcp_loss_unlabeled": torch.tensor(2 * value),
+            "bcp_agreement": torch.tensor(0.5), "bcp_pseudo_fg_fraction": torch.full((num_classes,), value),
+            "bcp_labeled_fg_fraction": torch.full((num_classes,), 0.1)}
+
+
+def test_epoch_means_leave_skipped_steps_out():
+    steps = [_figures(3, 0.2), skipped_step_figures(3, torch.device("cpu")), _figures(3, 0.4)]
+    means = epoch_figures(steps)
+    assert np.isclose(means["bcp_loss_labeled"], 0.3) and np.isclose(means["bcp_loss_unlabeled"], 0.6)
+    assert np.allclose(means["bcp_pseudo_fg_fraction"], [0.3] * 3)
+
+
+def test_classes_below_a_quarter_of_their_labeled_share():
+    assert classes_below_share([1, 2, 3], [0.3, 0.05, 0.0], [0.33, 0.33, 0.0]) == [(2, 0.05, 0.33)]
+
+
+def test_progress_file_and_picture_with_many_classes(tmp_path):
+    names = [str(c) for c in range(1, 16)]  # 15 classes still render, with a legend
+    for epoch in (3, 4, 5, 4):  # a resumed epoch replaces its entry
+        figures = epoch_figures([_figures(15, 0.01 * epoch)])
+        record_progress(str(tmp_path), epoch, figures, names)
+    history = json.load(open(tmp_path / PROGRESS_JSON))
+    assert [h["epoch"] for h in history] == [3, 4]
+    picture = imread(str(tmp_path / PROGRESS_PNG))
+    assert picture.shape[0] > 500 and picture.shape[1] > 500 and picture.std() > 0
+    assert not list(tmp_path.glob("*.tmp*"))
