@@ -29,6 +29,7 @@ from nnunetv2_bcp.unlabeled.loader import (UnlabeledDataset, make_unlabeled_stre
                                            unlabeled_augmentation_workers)
 from nnunetv2_bcp.unlabeled.preprocess import unlabeled_cases_for_training
 from nnunetv2_bcp.unlabeled.raw import UNLABELED_FOLDER, UnlabeledDataError
+from nnunetv2_bcp.unlabeled.weak_view import split_views, with_weak_view
 
 # Share of the schedule spent in stage 1. The reference code pre-trains 10k of 40k iterations on ACDC (25%) and
 # 2k of 17k on LA (12%); 20% lies between the two.
@@ -46,9 +47,11 @@ def default_pretrain_epochs(num_epochs: int) -> int:
 class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
     """BCP semi-supervised training. Knobs (override in a subclass, nnU-Net's way):
 
-    ``bcp_pretrain_epochs`` (stage 1 length), ``bcp_pretrain_min_dice`` and ``bcp_max_pretrain_epochs`` (stage 1 goes
-    on, up to the latter, while the student's validation pseudo Dice of a class is below the former; 0 turns this
-    off), ``bcp_alpha`` (weight of unlabeled-origin voxels, 0.5),
+    ``bcp_pretrain_epochs`` (stage 1 length; unset: a fifth of ``num_epochs``), ``bcp_pretrain_min_dice`` and
+    ``bcp_max_pretrain_epochs`` (stage 1 goes on, up to the latter, while the student's Dice of a class on its
+    labeled training patches is below the former; 0 turns this off), ``bcp_alpha`` (weight of unlabeled-origin
+    voxels, 0.5), ``bcp_labeled_loss_weight`` (nnU-Net's loss on the un-mixed labeled patches beside the BCP loss,
+    0 = off), ``bcp_teacher_weak_view`` (the teacher labels a view without intensity augmentation),
     ``bcp_ema_decay`` (λ, 0.99), ``bcp_mask_ratio`` (β, 2/3), ``bcp_largest_component`` (filter pseudo-labels),
     plus nnU-Net's ``num_epochs``, ``num_iterations_per_epoch``, ``num_val_iterations_per_epoch``.
     """
@@ -62,6 +65,7 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
         self.bcp_max_pretrain_epochs = None
         self.bcp_alpha = 0.5
         self.bcp_labeled_loss_weight = 0.0
+        self.bcp_teacher_weak_view = False
         self.bcp_ema_decay = 0.99
         self.bcp_mask_ratio = 2 / 3
         self.bcp_largest_component = True
@@ -79,6 +83,7 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
         return {"bcp_pretrain_epochs": self.pretrain_epochs(), "bcp_pretrain_min_dice": self.bcp_pretrain_min_dice,
                 "bcp_max_pretrain_epochs": self.max_pretrain_epochs(), "bcp_alpha": self.bcp_alpha,
                 "bcp_labeled_loss_weight": self.bcp_labeled_loss_weight,
+                "bcp_teacher_weak_view": self.bcp_teacher_weak_view,
                 "bcp_ema_decay": self.bcp_ema_decay, "bcp_mask_ratio": self.bcp_mask_ratio,
                 "bcp_largest_component": self.bcp_largest_component, "num_epochs": self.num_epochs,
                 "num_iterations_per_epoch": self.num_iterations_per_epoch,
@@ -151,6 +156,8 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
         transforms = self.get_training_transforms(
             self.configuration_manager.patch_size, rotation, None, mirror_axes, dummy_2d,
             use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=False)
+        if self.bcp_teacher_weak_view:
+            transforms = with_weak_view(transforms)
         dataset = UnlabeledDataset(folder, keys, self.preprocessed_dataset_folder, label_dropped, self.label_manager,
                                    self.configuration_manager.use_mask_for_norm)
         workers = unlabeled_augmentation_workers(get_allowed_n_proc_DA())
@@ -308,7 +315,11 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
         labeled = batch['data'].to(self.device, non_blocking=True)
         targets = [t.to(self.device, non_blocking=True) for t in _as_list(batch['target'])]
         unlabeled = unlabeled_batch['data'].to(self.device, non_blocking=True)
-        pseudo = self.make_pseudo_labels(unlabeled)
+        if self.bcp_teacher_weak_view:  # the teacher labels the weak view, the student learns on the full one
+            unlabeled, weak = split_views(unlabeled)
+            pseudo = self.make_pseudo_labels(weak)
+        else:
+            pseudo = self.make_pseudo_labels(unlabeled)
 
         batch_size = labeled.shape[0]
         inward = inward_directions(batch_size, device=self.device)
