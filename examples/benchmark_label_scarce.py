@@ -412,6 +412,8 @@ def protocol(args):
         if first[s] in failed:
             continue
         for arm, arm_settings in (("labeled_continue", {}), ("bcp_continue", settings)):
+            if arm not in args.arms:
+                continue
             name = run_name(arm, args.k, s, args.iterations, arm_settings, first[s])
             if model_done(args.work_dir, name) and not args.redo:
                 print(f"{name}: done before (its model is in {models}); --redo runs it again")
@@ -759,6 +761,8 @@ def main():
     o.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     o.add_argument("--jobs", type=int, default=1, help="runs at once")
     o.add_argument("--redo", action="store_true", help="run (a) and (b) again even where their models are kept")
+    o.add_argument("--arms", nargs="+", default=["labeled_continue", "bcp_continue"],
+                   choices=["labeled_continue", "bcp_continue"], help="continuation arms to run (default both)")
     for q in (r, o):
         q.add_argument("-k", type=int, default=2, help="labeled cases (all but the ceiling arm)")
         q.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS,
