@@ -86,9 +86,19 @@ if [ ! -f "$SITE/.installed" ]; then
     tar xJf "$WHEELS"/simpleitk-*-site.tar.xz -C "$SITE" || exit 1
     touch "$SITE/.installed"
 fi
-# the plugin itself from this tree (its console scripts too), every call: the tree may have changed
-$PYTHON -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target "$SITE/plugin" . \
-    >/dev/null 2>&1 || { echo "installing the plugin failed"; exit 1; }
+# the plugin itself from this tree, every call (the tree may have changed): copied, with its console scripts written
+# from pyproject.toml, so that no build backend of the device's own (whatever its setuptools version) is involved
+rm -rf "$SITE/plugin" && mkdir -p "$SITE/plugin/bin" && cp -r nnunetv2_bcp "$SITE/plugin/" || exit 1
+$PYTHON - "$SITE/plugin/bin" <<'PY' || { echo "writing the plugin's console scripts failed"; exit 1; }
+import os, sys, tomllib
+scripts = tomllib.load(open("pyproject.toml", "rb"))["project"]["scripts"]
+for name, target in scripts.items():
+    module, function = target.split(":")
+    path = os.path.join(sys.argv[1], name)
+    with open(path, "w") as f:
+        f.write(f"#!{sys.executable}\nimport sys\nfrom {module} import {function}\nsys.exit({function}())\n")
+    os.chmod(path, 0o755)
+PY
 if [ "$($PYTHON -c 'import sys; print(sys.version_info[:2] == (3, 12))')" = True ]; then
     export PYTHONPATH=$REPO/$SITE/plugin:$REPO/$SITE PATH=$REPO/$SITE/plugin/bin:$REPO/$SITE/bin:$PATH
 else  # the dry run here: the wheels are cp312; this interpreter's own environment has their cp311 builds
