@@ -5,8 +5,8 @@ __version__ = "0.1.0"
 
 
 def ext_trainer_dir() -> str:
-    """The folder to put in nnU-Net's ``nnUNet_extTrainer`` variable so that nnUNetv2_train/predict find BCP:
-    ``export nnUNet_extTrainer=$(python -c "import nnunetv2_bcp; print(nnunetv2_bcp.ext_trainer_dir())")``."""
+    """The folder to list in nnU-Net's ``nnUNet_extTrainer`` variable so that nnUNetv2_train/predict find BCP;
+    the console command ``nnUNetv2_bcp_ext_trainer_dir`` prints it (see nnunetv2_bcp.ext_trainer_cli)."""
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "ext_trainer")
 
 
