@@ -73,7 +73,9 @@ def test_stage_two_step_under_autocast_and_the_scalers_skipped_step(synthetic_3d
     assert trainer.grad_scaler is not None  # nnU-Net's mixed precision on CUDA
     teacher_before = _weights(trainer.teacher)
     out = trainer.stage_two_step(*_batches(trainer, 0))
-    assert np.isfinite(out["loss"]) and np.isfinite(out["bcp_loss_labeled"]) and np.isfinite(out["bcp_loss_unlabeled"])
+    figures = out["bcp"]
+    assert np.isfinite(out["loss"]) and np.isfinite(figures["bcp_loss_labeled"].item())
+    assert np.isfinite(figures["bcp_loss_unlabeled"].item())
     assert next(trainer.teacher.parameters()).dtype == torch.float32  # the EMA stays fp32 under autocast
     assert not _same(_weights(trainer.teacher), teacher_before)  # a real step moves the teacher
 
