@@ -50,7 +50,7 @@ def main():
         bs = trainer.batch_size
         lab = patches_per_second(labeled, bs, args.batches)
         unl = patches_per_second(unlabeled, bs, args.batches)
-        trainer.current_epoch = trainer.bcp_pretrain_epochs
+        trainer.current_epoch = trainer.pretrain_epochs()
         trainer.teacher.load_state_dict(trainer.network.state_dict())
         trainer.stage_two_step(next(labeled), next(unlabeled))
         start = time.perf_counter()
