@@ -180,12 +180,12 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
     def on_train_start(self):
         self.check_stage_lengths()
         super().on_train_start()
+        settings = self.bcp_settings()
         if self.local_rank == 0:
             remove_stale_checkpoint_temporaries(self.output_folder)
-        if self.local_rank == 0:
-            save_json(self.bcp_settings(), join(self.output_folder, "bcp_settings.json"), sort_keys=False)
-        self.print_to_log_file("BCP settings:", self.bcp_settings())
-        self.logger.update_config(self.bcp_settings())  # e.g. W&B, when nnUNet_wandb_enabled
+            save_json(settings, join(self.output_folder, "bcp_settings.json"), sort_keys=False)
+        self.print_to_log_file("BCP settings:", settings)
+        self.logger.update_config(settings)  # e.g. W&B, when nnUNet_wandb_enabled
 
     def on_train_end(self):
         super().on_train_end()
