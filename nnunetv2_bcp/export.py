@@ -1,44 +1,85 @@
-"""Export a BCP model folder for plain nnU-Net (no plugin needed to predict), with the student or the teacher."""
+"""Export a BCP model folder for plain nnU-Net (no plugin needed to predict), with the student or the teacher.
+
+The output is a model folder like any of nnU-Net's: put it at ``RESULTS/DatasetXXX_Name/Trainer__Plans__Config`` of
+some results root and nnUNetv2_predict, nnUNetv2_export_model_to_zip and nnUNetv2_install_pretrained_model_from_zip
+treat it as theirs (plain nnU-Net picks the trainer class from the checkpoint, not from the folder name)."""
 import argparse
+import os
 import shutil
 
 import torch
-from batchgenerators.utilities.file_and_folder_operations import isfile, join, maybe_mkdir_p, subdirs
+from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, maybe_mkdir_p, subdirs
+
+# What nnU-Net's predictor and its -pretrained_weights read; the optimiser, grad scaler, training log and the BCP
+# state (the EMA teacher) stay behind: they would double the file for nothing the user of the model needs.
+INFERENCE_KEYS = ("network_weights", "init_args", "trainer_name", "inference_allowed_mirroring_axes", "current_epoch")
+# Besides the checkpoints, what nnUNetv2_export_model_to_zip packs (it requires progress.png and the summary)
+MODEL_FILES = ("plans.json", "dataset.json", "dataset_fingerprint.json")
+FOLD_FILES = ("debug.json", "progress.png", "network_architecture.pdf", join("validation", "summary.json"))
+CROSSVAL_FILES = ("summary.json", "postprocessing.pkl", "postprocessing.json")
+
+
+def plain_checkpoint(checkpoint: dict, use_teacher: bool = False) -> dict:
+    """The inference part of a BCP checkpoint, naming ``nnUNetTrainer`` (BCP does not change the network), with
+    the student's weights or the EMA teacher's."""
+    exported = {k: checkpoint[k] for k in INFERENCE_KEYS if k in checkpoint}
+    if use_teacher:
+        if "bcp" not in checkpoint:
+            raise ValueError("the checkpoint holds no BCP teacher")
+        exported["network_weights"] = checkpoint["bcp"]["teacher_weights"]
+    exported["trainer_name"] = "nnUNetTrainer"
+    return exported
+
+
+def _copy_if_present(source_folder: str, target_folder: str, names) -> None:
+    for name in names:
+        if isfile(join(source_folder, name)):
+            maybe_mkdir_p(os.path.dirname(join(target_folder, name)))
+            shutil.copy(join(source_folder, name), join(target_folder, name))
 
 
 def export_for_plain_nnunet(model_folder: str, output_folder: str, folds=None,
-                            checkpoint_name: str = "checkpoint_final.pth", use_teacher: bool = False) -> None:
-    """Copy ``model_folder`` (``Trainer__Plans__Config``) to ``output_folder`` with checkpoints that name
-    ``nnUNetTrainer`` (BCP does not change the network) and hold the student's weights, or the teacher's with
-    ``use_teacher``. The result works with ``nnUNetv2_predict_from_modelfolder -m output_folder``."""
+                            checkpoint_names=("checkpoint_final.pth",), use_teacher: bool = False) -> None:
+    """Copy ``model_folder`` (``Trainer__Plans__Config``) to ``output_folder`` with checkpoints for plain nnU-Net
+    (see plain_checkpoint), the files nnUNetv2_export_model_to_zip packs, and the cross-validation results with the
+    postprocessing that nnUNetv2_find_best_configuration chose."""
+    if isinstance(checkpoint_names, str):
+        checkpoint_names = (checkpoint_names,)
+    if os.path.realpath(output_folder) == os.path.realpath(model_folder):
+        raise SystemExit("ERROR: the output folder must differ from the model folder (its checkpoints would be "
+                         "replaced by stripped copies)")
     folds = folds or [d[len("fold_"):] for d in subdirs(model_folder, prefix="fold_", join=False)]
+    if not folds:
+        raise SystemExit(f"ERROR: {model_folder} holds no fold_X folder")
     maybe_mkdir_p(output_folder)
-    for name in ("plans.json", "dataset.json", "dataset_fingerprint.json"):
-        if isfile(join(model_folder, name)):
-            shutil.copy(join(model_folder, name), join(output_folder, name))
+    _copy_if_present(model_folder, output_folder, MODEL_FILES)
+    for crossval in subdirs(model_folder, prefix="crossval_results_folds_", join=False):
+        _copy_if_present(join(model_folder, crossval), join(output_folder, crossval), CROSSVAL_FILES)
     for fold in folds:
-        source = join(model_folder, f"fold_{fold}", checkpoint_name)
-        if not isfile(source):
+        source, target = join(model_folder, f"fold_{fold}"), join(output_folder, f"fold_{fold}")
+        if not isdir(source):
             raise SystemExit(f"ERROR: {source} does not exist")
-        checkpoint = torch.load(source, map_location="cpu", weights_only=False)
-        bcp = checkpoint.pop("bcp", None)
-        if use_teacher:
-            if bcp is None:
-                raise SystemExit(f"ERROR: {source} holds no BCP teacher")
-            checkpoint["network_weights"] = bcp["teacher_weights"]
-        checkpoint["trainer_name"] = "nnUNetTrainer"
-        checkpoint["init_args"] = dict(checkpoint["init_args"])
-        maybe_mkdir_p(join(output_folder, f"fold_{fold}"))
-        torch.save(checkpoint, join(output_folder, f"fold_{fold}", checkpoint_name))
+        maybe_mkdir_p(target)
+        _copy_if_present(source, target, FOLD_FILES)
+        for name in checkpoint_names:
+            if not isfile(join(source, name)):
+                raise SystemExit(f"ERROR: {join(source, name)} does not exist")
+            checkpoint = torch.load(join(source, name), map_location="cpu", weights_only=False)
+            try:
+                torch.save(plain_checkpoint(checkpoint, use_teacher), join(target, name))
+            except ValueError as e:
+                raise SystemExit(f"ERROR: {join(source, name)}: {e}")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Export a trained BCP model for plain nnU-Net (student weights, "
-                                                 "or the EMA teacher with --teacher).")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-i", required=True, help="model folder nnUNet_results/DatasetXXX/Trainer__Plans__Config")
-    parser.add_argument("-o", required=True, help="output model folder")
+    parser.add_argument("-o", required=True, help="output model folder, e.g. EXPORT/DatasetXXX_Name/"
+                                                 "nnUNetTrainerBCP__nnUNetPlans__3d_fullres (a results root other "
+                                                 "than nnUNet_results, so that nothing of the training is replaced)")
     parser.add_argument("-f", nargs="+", default=None, help="folds (default: all fold_X folders)")
-    parser.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default checkpoint_final.pth)")
+    parser.add_argument("-chk", nargs="+", default=["checkpoint_final.pth"],
+                        help="checkpoint names (default checkpoint_final.pth)")
     parser.add_argument("--teacher", action="store_true", help="export the EMA teacher instead of the student")
     args = parser.parse_args(argv)
     export_for_plain_nnunet(args.i, args.o, args.f, args.chk, args.teacher)
