@@ -94,7 +94,8 @@ def main(argv=None):
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         env[name] = join(work, name)
         maybe_mkdir_p(env[name])
-    env["nnUNet_extTrainer"] = nnunetv2_bcp.ext_trainer_dir()
+    env["nnUNet_extTrainer"] = os.pathsep.join(  # the user's own trainer folders stay searchable
+        filter(None, [nnunetv2_bcp.ext_trainer_dir(), os.environ.get("nnUNet_extTrainer")]))
     env.setdefault("nnUNet_def_n_proc", "2")
     env.setdefault("nnUNet_n_proc_DA", "2")
     env.setdefault("nnUNet_compile", "f")
