@@ -253,7 +253,8 @@ def test_benchmark_protocol_schedules_missing_models_then_both_arms(tmp_path, mo
         len(batches) == 1))
     args = argparse.Namespace(work_dir=work, seeds=[0, 1, 2], k=2, iterations=1000, from_iterations=1000, jobs=3,
                               device="cuda", bcp=["bcp_labeled_loss_weight=1"], redo=False, results="r.jsonl",
-                              iterations_per_epoch=25, test_images=None, test_labels="/x/labelsTs")
+                              iterations_per_epoch=25, test_images=None, test_labels="/x/labelsTs",
+                              arms=["labeled_continue", "bcp_continue"])
     with pytest.raises(SystemExit, match="labeled_k2_s2"):
         bench.protocol(args)
     (n1, first), (n2, second) = batches
@@ -264,6 +265,11 @@ def test_benchmark_protocol_schedules_missing_models_then_both_arms(tmp_path, mo
     assert argv[argv.index("--arm") + 1] == "bcp_continue" and argv[argv.index("--bcp") + 1] == \
         "bcp_labeled_loss_weight=1"
     assert "--bcp" not in second[1][1] and argv[argv.index("--test-labels") + 1] == "/x/labelsTs"
+    batches.clear()  # --arms bcp_continue: a candidate beside continuations that are already running
+    with pytest.raises(SystemExit, match="labeled_k2_s2"):
+        bench.protocol(argparse.Namespace(**{**vars(args), "arms": ["bcp_continue"]}))
+    assert [name for name, _ in batches[1][1]] == ["bcp_continue_k2_s0_labeled_loss_weight=1",
+                                                   "bcp_continue_k2_s1_labeled_loss_weight=1"]
 
 
 def test_benchmark_reader_and_per_case_dice():
