@@ -8,6 +8,9 @@ all-labeled ceiling, with the same configuration, batch size and iteration budge
     # iterations (a) labeled-only continued and (b) BCP stage 2 continued; each result is appended as it lands
     python examples/benchmark_label_scarce.py protocol -w bench --seeds 0 1 2 -k 2 --iterations 1000 --jobs 1
     python examples/benchmark_label_scarce.py protocol -w bench --seeds 0 1 2 -k 2 --bcp bcp_alpha=0.3  # a candidate
+    # (a), (b), then candidates in order of priority, 9 runs at once, none started after 300 s; --dry-run lists them
+    python examples/benchmark_label_scarce.py protocol -w bench --jobs 9 --no-start-after 300 \
+        --candidate bcp_labeled_loss_weight=1 --candidate bcp_teacher_weak_view=true
     # one arm on its own (appends one line to the results file)
     python examples/benchmark_label_scarce.py run -w bench --arm labeled -k 2 --seed 0
     python examples/benchmark_label_scarce.py run -w bench --arm bcp_continue -k 2 --seed 0 --iterations 1000
@@ -30,7 +33,13 @@ a kept model (``--from``, default the seed's ``labeled_k<K>_s<S>``, trained firs
 stage 2 from the first epoch, teacher = the model). All: ``3d_fullres``, plans ``nnUNetPlans_bs2`` (nnU-Net's plans
 with batch size 2), 25 iterations per epoch, fold 0 of a split whose validation cases (10) are never trained on, test
 cases never used in training. Dice by nnU-Net's evaluation of nnUNetv2_predict's output on the test split
-(``--test-images/--test-labels`` to use another labeled folder); rows keep the Dice of every test case.
+(``--test-images/--test-labels`` to use another labeled folder); rows keep the Dice of every test case, and the
+validation figures of the final checkpoint (``validation_dice_mean``, ``validation_dice_per_class``,
+``validation_dice_per_case``: nnU-Net's ``fold_0/validation/summary.json`` of the run, fold 0's 10 validation cases).
+Candidates are chosen on validation (``table``'s first table) or on the unlabeled pool's held-back labels
+(``pseudo``), never on the test split, which is reported once per final configuration. Continuation rows record
+``from_checkpoint`` (a fingerprint of L's final checkpoint): (a) and (b) are paired only when they started from the
+same L, also when L was retrained under the same name.
 
 Run names: ``<arm>_k<K>_s<seed>`` plus ``_it<N>`` when N is not 1000, ``_from-<run>`` for a non-default ``--from``
 and the ``--bcp`` settings (``_<name>=<value>``, ``bcp_`` dropped). Each run trains in ``<work>/runs/<run>`` with its
@@ -246,6 +255,32 @@ def dice_per_case(summary: dict, file_ending: str, labels) -> dict:
     return cases
 
 
+def validation_figures(fold_folder: str, file_ending: str, labels) -> dict:
+    """The Dice of nnU-Net's own validation at the end of training (``<fold>/validation/summary.json``: the final
+    checkpoint on fold 0's validation cases, which no arm trains on), as row fields; ``{}`` where it is missing. These
+    are the figures candidates are chosen on; the test split is only reported."""
+    path = join(fold_folder, "validation", "summary.json")
+    if not isfile(path):
+        print(f"no {path}: the row carries no validation figures", flush=True)
+        return {}
+    summary = load_json(path)
+    return {"validation_dice_mean": summary["foreground_mean"]["Dice"],
+            "validation_dice_per_class": {str(c): summary["mean"][str(c)]["Dice"] for c in labels},
+            "validation_dice_per_case": dice_per_case(summary, file_ending, labels),
+            "validation_num_cases": len(summary["metric_per_case"])}
+
+
+def checkpoint_id(path: str) -> str:
+    """A short fingerprint of a checkpoint file: continuation rows record the model they started from, so that (a)
+    and (b) are paired only when they started from the same L (a retrained L keeps its run name)."""
+    import hashlib
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def prepare(args):
     env = environment(args.work_dir)
     sh(["nnUNetv2_convert_MSD_dataset", "-i", os.path.abspath(args.msd), "-overwrite_id", str(DATASET_ID)], env)
@@ -369,7 +404,9 @@ def run(args) -> dict:
               "test_set": os.path.abspath(args.test_labels) if args.test_labels else "split", "trainer": trainer,
               "plans": PLANS, "date": time.strftime("%Y-%m-%d"),
               "command": reproduce_command(args, args.arm, k, settings)}
+    result.update(validation_figures(join(results_folder, "fold_0"), dataset_json["file_ending"], labels))
     if from_run:
+        result["from_checkpoint"] = checkpoint_id(join(start_model, "fold_0", "checkpoint_final.pth"))
         start_result = join(start_model, "result.json")
         result["from_iterations"] = load_json(start_result)["iterations"] if isfile(start_result) \
             else args.from_iterations  # a model kept before rows were stored beside it
@@ -388,14 +425,25 @@ def run(args) -> dict:
     append_row(args.results, result)
     save_json(result, join(kept, "result.json"), sort_keys=False)
     shutil.rmtree(join(work, "runs", name), ignore_errors=True)
-    print(json.dumps({k: v for k, v in result.items() if k != "dice_per_case"}))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("dice_per_case", "validation_dice_per_case")}))
     return result
+
+
+def parse_candidate(text: str) -> dict:
+    """``"bcp_alpha=0.3,bcp_teacher_weak_view=true"`` -> the settings of one candidate (``--candidate``)."""
+    return parse_settings([item for item in text.split(",") if item])
 
 
 def protocol(args):
     """Per seed: the labeled-only model L (trained if missing), then (a) labeled-only and (b) BCP continued from it,
-    up to ``--jobs`` runs at once (each a ``run`` subprocess with its output in ``<work>/<run>.out``)."""
+    then each ``--candidate`` (BCP continued with its settings) on every seed, in that order of priority: up to
+    ``--jobs`` runs at once (each a ``run`` subprocess with its output in ``<work>/<run>.out``), none started later
+    than ``--no-start-after`` seconds after the protocol began (a run that cannot finish in a time limit is not
+    begun)."""
     settings = parse_settings(args.bcp)
+    candidates = [parse_candidate(c) for c in getattr(args, "candidate", None) or []]
+    deadline = None if getattr(args, "no_start_after", None) is None else time.time() + args.no_start_after
+    dry_run = getattr(args, "dry_run", False)
     base = [sys.executable, os.path.abspath(__file__), "run", "-w", args.work_dir, "-k", str(args.k),
             "--device", args.device, "--results", args.results, "--iterations-per-epoch",
             str(args.iterations_per_epoch)]
@@ -406,30 +454,44 @@ def protocol(args):
     first = {s: labeled_run_name(args.k, s, args.from_iterations) for s in args.seeds}
     missing = [s for s in args.seeds if not isfile(join(models, first[s], "fold_0", "checkpoint_final.pth"))]
     failed = run_jobs([(first[s], base + ["--arm", "labeled", "--seed", str(s), "--iterations",
-                                          str(args.from_iterations)]) for s in missing], args.jobs, args.work_dir)
+                                          str(args.from_iterations)]) for s in missing], args.jobs, args.work_dir,
+                      deadline, dry_run)
+    # (a) and (b) of every seed first, then each candidate on every seed: the order in which runs start
+    arms = [(arm, arm_settings) for arm, arm_settings in (("labeled_continue", {}), ("bcp_continue", settings))
+            if arm in args.arms]
+    batches = [[(s, arm, arm_settings) for s in args.seeds for arm, arm_settings in arms]]
+    batches += [[(s, "bcp_continue", candidate) for s in args.seeds] for candidate in candidates]
     jobs = []
-    for s in args.seeds:
+    for s, arm, arm_settings in (job for batch in batches for job in batch):
         if first[s] in failed:
             continue
-        for arm, arm_settings in (("labeled_continue", {}), ("bcp_continue", settings)):
-            if arm not in args.arms:
-                continue
-            name = run_name(arm, args.k, s, args.iterations, arm_settings, first[s])
-            if model_done(args.work_dir, name) and not args.redo:
-                print(f"{name}: done before (its model is in {models}); --redo runs it again")
-                continue
-            jobs.append((name, base + ["--arm", arm, "--seed", str(s), "--iterations", str(args.iterations),
-                                       "--from-iterations", str(args.from_iterations)]
-                         + [a for n, v in arm_settings.items() for a in ("--bcp", f"{n}={json.dumps(v)}")]))
-    failed += run_jobs(jobs, args.jobs, args.work_dir)
+        name = run_name(arm, args.k, s, args.iterations, arm_settings, first[s])
+        if model_done(args.work_dir, name) and not args.redo:
+            print(f"{name}: done before (its model is in {models}); --redo runs it again")
+            continue
+        if name in (n for n, _ in jobs):
+            continue  # a candidate that repeats (b)'s settings
+        jobs.append((name, base + ["--arm", arm, "--seed", str(s), "--iterations", str(args.iterations),
+                                   "--from-iterations", str(args.from_iterations)]
+                     + [a for n, v in arm_settings.items() for a in ("--bcp", f"{n}={json.dumps(v)}")]))
+    failed += run_jobs(jobs, args.jobs, args.work_dir, deadline, dry_run)
     if failed:
-        raise SystemExit(f"failed: {failed} (see <run>.out and <run>.log in {args.work_dir})")
+        raise SystemExit(f"failed or not started: {failed} (see <run>.out and <run>.log in {args.work_dir})")
 
 
-def run_jobs(jobs, num_parallel: int, work: str) -> list:
-    """Run ``(name, argv)`` jobs, at most ``num_parallel`` at once; the names of those that failed."""
+def run_jobs(jobs, num_parallel: int, work: str, deadline: float = None, dry_run: bool = False) -> list:
+    """Run ``(name, argv)`` jobs in their order, at most ``num_parallel`` at once, none started after ``deadline``
+    (``time.time()``); the names of those that failed or were not started. ``dry_run``: print them instead."""
+    if dry_run:
+        for name, argv in jobs:
+            print(f"would run {name}: {' '.join(argv)}", flush=True)
+        return []
+
     def one(job):
         name, argv = job
+        if deadline is not None and time.time() > deadline:
+            print(f"NOT STARTED (--no-start-after): {name}", flush=True)
+            return name
         print(f"start {name}", flush=True)
         with open(join(work, f"{name}.out"), "a") as out:
             code = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT).returncode
@@ -467,9 +529,11 @@ def paired_statistics(a: dict, b: dict, num_resamples: int = 10000, seed: int = 
 
 def comparisons(rows: list) -> list:
     """The protocol's pairs: each (b) ``bcp_continue`` row with the (a) ``labeled_continue`` row of the same K, seed,
-    starting model, iterations and test set (the latest of each); grouped by (K, settings, iterations, test set)."""
+    starting model (its name and, where recorded, its checkpoint: a retrained L keeps its name), iterations and test
+    set (the latest of each); grouped by (K, settings, iterations, test set)."""
     def key(r):
-        return r["k"], r["seed"], r["from"], r["from_iterations"], r["iterations"], r["test_set"]
+        return (r["k"], r["seed"], r["from"], r.get("from_checkpoint"), r["from_iterations"], r["iterations"],
+                r["test_set"])
     latest_a = {key(r): r for r in rows if r.get("arm") == "labeled_continue"}
     groups = {}
     for r in rows:
@@ -506,14 +570,56 @@ def comparison_table(group: dict) -> str:
     return "\n".join(lines)
 
 
+def validation_case_means(row: dict) -> dict:
+    """Per validation case: the mean Dice over the classes (``{}`` for rows without validation figures)."""
+    return {case: float(np.nanmean(list(dice.values())))
+            for case, dice in row.get("validation_dice_per_case", {}).items()}
+
+
+def candidates_table(groups: list) -> str:
+    """One line per candidate (BCP settings) of the paired comparisons: (b) − (a) in nnU-Net's validation Dice of the
+    final checkpoints, per seed, their mean, and per validation case over all seeds. Candidates are chosen here; the
+    test split is not shown, so that it is not used to choose."""
+    lines = ["| K | BCP settings | iterations | validation (b) − (a) per seed | mean of the seeds | (b) validation "
+             "Dice, mean | per case, all seeds: mean (b) − (a) [95% bootstrap CI] | (b) better in |",
+             "|---|---|---|---|---|---|---|---|"]
+    for g in groups:
+        settings = " ".join(f"`{n}={json.dumps(v)}`" for n, v in sorted(g["settings"].items())) or "defaults"
+        if g["test_set"] != "split":
+            settings += f" (runs scored on `{g['test_set']}`)"
+        diffs, b_values, a_cases, b_cases = {}, [], {}, {}
+        for seed, (a, b) in g["seeds"].items():
+            if "validation_dice_mean" in a and "validation_dice_mean" in b:
+                diffs[seed] = b["validation_dice_mean"] - a["validation_dice_mean"]
+                b_values.append(b["validation_dice_mean"])
+                a_cases.update({(seed, c): v for c, v in validation_case_means(a).items()})
+                b_cases.update({(seed, c): v for c, v in validation_case_means(b).items()})
+        per_seed = ", ".join(f"{seed}: {diffs[seed]:+.4f}" if seed in diffs else f"{seed}: –" for seed in g["seeds"])
+        if diffs:
+            mean = f"{np.mean(list(diffs.values())):+.4f} ({len(diffs)} of {len(g['seeds'])} seeds)"
+            b_mean = f"{np.mean(b_values):.4f}"
+        else:
+            mean = b_mean = "–"
+        paired, better = "–", "–"
+        if set(a_cases) & set(b_cases):
+            stats = paired_statistics(a_cases, b_cases)
+            paired = f"{stats['mean']:+.4f} [{stats['ci'][0]:+.4f}, {stats['ci'][1]:+.4f}]"
+            better = f"{stats['better']} of {stats['n']}"
+        total = g["from_iterations"] + g["iterations"] if g["from_iterations"] is not None else g["iterations"]
+        lines.append(f"| {g['k']} | {settings} | {g['from_iterations']} + {g['iterations']} = {total} | {per_seed} | "
+                     f"{mean} | {b_mean} | {paired} | {better} |")
+    return "\n".join(lines)
+
+
 def runs_table(rows: list) -> str:
     lines = ["| run | labeled cases | seed | from | iterations | Dice anterior | Dice posterior | mean Dice | "
-             "train time | reproduce |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "validation mean Dice | train time | reproduce |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["k"], r["seed"], r["run"])):
         start = f"{r['from']} ({r['from_iterations']})" if r.get("from") else "scratch"
+        validation = f"{r['validation_dice_mean']:.4f}" if "validation_dice_mean" in r else "–"
         lines.append(f"| {r['run']} | {r['k']} | {r['seed']} | {start} | {r['iterations']} | "
                      f"{r['dice_per_class']['1']:.4f} | {r['dice_per_class']['2']:.4f} | {r['dice_mean']:.4f} | "
-                     f"{r['train_seconds'] / 60:.0f} min ({r['device']}) | `{r['command']}` |")
+                     f"{validation} | {r['train_seconds'] / 60:.0f} min ({r['device']}) | `{r['command']}` |")
     return "\n".join(lines)
 
 
@@ -552,8 +658,16 @@ The protocol, per label-subset seed S (which K cases keep their labels): the lab
 continued (`bcp_continue_k<K>_s<S>[_<settings>]`, teacher = L). The comparison is (b) − (a), paired per seed and per
 test case. Each row of the tables is reproduced by the command shown beside it (`run`, with `-w bench` and `--device`
 added; the `protocol` command above a comparison runs all of its rows); the results file
-`examples/results/hippocampus_label_scarce.jsonl` keeps every run's Dice per test case, and
-`python examples/benchmark_label_scarce.py table` rewrites the tables below from it.
+`examples/results/hippocampus_label_scarce.jsonl` keeps every run's Dice per test case and the validation figures of
+its final checkpoint (nnU-Net's `fold_0/validation/summary.json`: the 10 validation cases of fold 0, never trained
+on), and `python examples/benchmark_label_scarce.py table` rewrites the tables below from it.
+
+**Candidates are chosen on validation, the test split is reported.** A candidate (a BCP knob, `--bcp NAME=VALUE` or
+the protocol's `--candidate`) is compared with the default on the first table below — (b) − (a) in validation Dice
+per seed, and per validation case over all seeds — or on the unlabeled pool's held-back labels (`pseudo`); never on
+the test split. The test split scores each final configuration once, in the paired tables that follow. Rows from
+before the runs carried validation figures show "–" there. (a) and (b) are paired only when they started from the
+same L (continuation rows record a fingerprint of L's checkpoint; a retrained L keeps its run name).
 
 ![Label efficiency](figures/label_efficiency.png)
 
@@ -579,8 +693,10 @@ def table(args):
     rows = load_rows(args.results)
     seeded = [r for r in rows if "run" in r]
     earlier = [r for r in rows if "run" not in r]
-    parts = ["### Paired comparison: BCP vs labeled-only, both continued from L"]
     groups = comparisons(seeded)
+    parts = ["### Choosing between candidates: nnU-Net's validation Dice (fold 0's validation cases, never trained "
+             "on)", candidates_table(groups) if groups else "No paired runs yet.",
+             "### Paired comparison on the test split: BCP vs labeled-only, both continued from L"]
     parts += [comparison_table(g) for g in groups] or ["No paired runs yet."]
     parts += ["### Every run", runs_table(seeded) if seeded else "No runs yet."]
     if earlier:
@@ -763,6 +879,12 @@ def main():
     o.add_argument("--redo", action="store_true", help="run (a) and (b) again even where their models are kept")
     o.add_argument("--arms", nargs="+", default=["labeled_continue", "bcp_continue"],
                    choices=["labeled_continue", "bcp_continue"], help="continuation arms to run (default both)")
+    o.add_argument("--candidate", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
+                   help="a candidate: BCP continued with these settings on every seed, after (a) and (b) of every "
+                        "seed; repeatable (in order of priority)")
+    o.add_argument("--no-start-after", type=float, default=None, metavar="SECONDS",
+                   help="start no run later than this after the protocol began (those are reported as not started)")
+    o.add_argument("--dry-run", action="store_true", help="print the runs in the order they would start")
     for q in (r, o):
         q.add_argument("-k", type=int, default=2, help="labeled cases (all but the ceiling arm)")
         q.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS,

@@ -135,13 +135,18 @@ def test_benchmark_paired_statistics():
     assert bench.paired_statistics(a, {"c0": a["c0"] + 1, "other": 0.5})["n"] == 1  # only cases both arms have
 
 
-def _fake_row(bench, arm, k, seed, dice, iterations=1000, from_iterations=None, settings=None):
+def _fake_row(bench, arm, k, seed, dice, iterations=1000, from_iterations=None, settings=None, validation=None):
     cases = {f"c{i}": {"1": dice + 0.01 * (i % 3), "2": dice - 0.01 * (i % 3)} for i in range(10)}
     from_run = bench.labeled_run_name(k, seed) if from_iterations else None
-    return {"run": bench.run_name(arm, k, seed, iterations, settings, from_run), "arm": arm, "k": k, "seed": seed,
-            "from": from_run, "from_iterations": from_iterations, "iterations": iterations, "settings": settings or {},
-            "dice_per_class": {"1": dice, "2": dice}, "dice_mean": dice, "dice_per_case": cases,
-            "train_seconds": 600, "device": "cpu", "num_test": 10, "test_set": "split", "command": "python ..."}
+    row = {"run": bench.run_name(arm, k, seed, iterations, settings, from_run), "arm": arm, "k": k, "seed": seed,
+           "from": from_run, "from_iterations": from_iterations, "iterations": iterations, "settings": settings or {},
+           "dice_per_class": {"1": dice, "2": dice}, "dice_mean": dice, "dice_per_case": cases,
+           "train_seconds": 600, "device": "cpu", "num_test": 10, "test_set": "split", "command": "python ..."}
+    if validation is not None:  # rows written since runs carry nnU-Net's validation figures
+        row.update(validation_dice_mean=validation, validation_dice_per_class={"1": validation, "2": validation},
+                   validation_dice_per_case={f"va{i}": {"1": validation, "2": validation} for i in range(4)},
+                   validation_num_cases=4)
+    return row
 
 
 def test_benchmark_table_and_figure_from_results(tmp_path):
@@ -152,8 +157,8 @@ def test_benchmark_table_and_figure_from_results(tmp_path):
     rows = [earlier, _fake_row(bench, "ceiling", 170, 0, 0.86, iterations=2000)]
     for seed, (a, b) in enumerate(((0.80, 0.83), (0.78, 0.80))):
         rows += [_fake_row(bench, "labeled", 2, seed, 0.77),
-                 _fake_row(bench, "labeled_continue", 2, seed, a, 1000, 1000),
-                 _fake_row(bench, "bcp_continue", 2, seed, b, 1000, 1000)]
+                 _fake_row(bench, "labeled_continue", 2, seed, a, 1000, 1000, validation=a - 0.1),
+                 _fake_row(bench, "bcp_continue", 2, seed, b, 1000, 1000, validation=b - 0.1 - 0.01 * seed)]
     rows.append(_fake_row(bench, "bcp_continue", 2, 0, 0.5, 1000, 1000, {"bcp_alpha": 0.3}))  # another candidate
     for row in rows:
         bench.append_row(results, row)
@@ -165,12 +170,21 @@ def test_benchmark_table_and_figure_from_results(tmp_path):
     assert "| 1 | 0.7800 | 0.8000 | +0.0200 |" in text and "| mean of 2 | 0.7900 | 0.8150 | +0.0250 |" in text
     assert "`--bcp bcp_alpha=0.3`" in text and "| 0 | 0.8000 | 0.5000 | -0.3000 |" in text
     assert "labeled_k2_s1" in text and "Earlier, from scratch" in text and "stage 1: 8 epochs (fixed)" in text
+    # candidates are compared on validation (a table before the test split's, without its figures)
+    choose, paired = text.split("### Choosing between candidates")[1].split("### Paired comparison on the test split")
+    assert "| 2 | defaults | 1000 + 1000 = 2000 | 0: +0.0300, 1: +0.0100 | +0.0200 (2 of 2 seeds) | 0.7100 | " \
+           "+0.0200 [+0.01" in choose and "] | 8 of 8 |" in choose  # per case: 4 validation cases x 2 seeds
+    assert "| 2 | `bcp_alpha=0.3` | 1000 + 1000 = 2000 | 0: – | – | – | – | – |" in choose  # a row without them
+    assert "0.8300" not in choose and "| 0 | 0.8000 | 0.8300 |" in paired
+    assert "| labeled_continue_k2_s0 | 2 | 0 | labeled_k2_s0 (1000) | 1000 | 0.8000 | 0.8000 | 0.8000 | 0.7000 |" in text
+    assert "| labeled_k2_s0 | 2 | 0 | scratch | 1000 | 0.7700 | 0.7700 | 0.7700 | – |" in text
     open(docs, "a").write("\nkept after the table\n")
     bench.append_row(results, _fake_row(bench, "bcp_continue", 2, 1, 0.9, 1000, 1000))  # a later row replaces
     bench.table(args)
     text = open(docs).read()
     assert text.count(bench.TABLE_START) == 1 and text.endswith("kept after the table\n")
     assert "| 1 | 0.7800 | 0.9000 | +0.1200 |" in text and "| 1 | 0.7800 | 0.8000 |" not in text
+    assert "| 0: +0.0300, 1: – | +0.0300 (1 of 2 seeds) | 0.7300 |" in text  # the later row has no validation
     labeled, bcp, ceiling, budget, _ = bench.figure_series(bench.load_rows(results), {})
     assert budget == 2000 and [r["dice_mean"] for r in ceiling] == [0.86]
     assert sorted(r["dice_mean"] for r in labeled) == [0.78, 0.80]  # (a), not L
@@ -180,6 +194,21 @@ def test_benchmark_table_and_figure_from_results(tmp_path):
     bench.figure(args)
     with open(figure, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_benchmark_pairs_only_runs_from_the_same_labeled_model():
+    """A later session retrains L under the same name: its (a) must not be paired with an earlier session's (b)."""
+    bench = _load("benchmark_label_scarce")
+    old_a, old_b = (_fake_row(bench, arm, 2, 0, d, 1000, 1000) for arm, d in (("labeled_continue", 0.80),
+                                                                             ("bcp_continue", 0.81)))
+    new_a, new_b = (_fake_row(bench, arm, 2, 0, d, 1000, 1000) for arm, d in (("labeled_continue", 0.70),
+                                                                             ("bcp_continue", 0.75)))
+    old_cand = _fake_row(bench, "bcp_continue", 2, 0, 0.82, 1000, 1000, {"bcp_labeled_loss_weight": 1})
+    new_a["from_checkpoint"] = new_b["from_checkpoint"] = "abc"
+    groups = bench.comparisons([old_a, old_b, old_cand, new_a, new_b])
+    pairs = {json.dumps(g["settings"]): [(a["dice_mean"], b["dice_mean"]) for a, b in g["seeds"].values()]
+             for g in groups}
+    assert pairs == {'{"bcp_labeled_loss_weight": 1}': [(0.80, 0.82)], "{}": [(0.70, 0.75)]}
 
 
 def test_benchmark_continuation_run_trains_missing_labeled_model_first(tmp_path, monkeypatch):
@@ -197,10 +226,21 @@ def test_benchmark_continuation_run_trains_missing_labeled_model_first(tmp_path,
         results = join(env["nnUNet_results"], "Dataset604_Fake", f"{option.get('-tr')}__nnUNetPlans_bs2__3d_fullres")
         if cmd[0] == "nnUNetv2_train":
             assert ("--c" in cmd) == bool(env.get("BENCH_CONTINUE"))
-            os.makedirs(join(results, "fold_0"), exist_ok=True)
-            open(join(results, "fold_0", "checkpoint_final.pth"), "w").close()
+            os.makedirs(join(results, "fold_0", "validation"), exist_ok=True)
+            with open(join(results, "fold_0", "checkpoint_final.pth"), "w") as f:
+                f.write(option["-tr"])
             if option["-tr"] == "BenchBCP":
                 save_json({"bcp_alpha": 0.3}, join(results, "fold_0", "bcp_settings.json"))
+            # what nnU-Net's validation of the final checkpoint writes at the end of training (fold 0's val cases)
+            dice = {"va0": (0.6, 0.7), "va1": (0.8, 0.9)} if option["-tr"] == "BenchBCP" else \
+                {"va0": (0.5, 0.5), "va1": (0.7, 0.7)}
+            save_json({"metric_per_case": [
+                {"reference_file": join(env["nnUNet_preprocessed"], "Dataset604_Fake", "gt_segmentations",
+                                        f"{case}.nii.gz"), "metrics": {"1": {"Dice": d1, "IoU": 0}, "2": {"Dice": d2}}}
+                for case, (d1, d2) in dice.items()],
+                "mean": {c: {"Dice": float(np.mean([d[i] for d in dice.values()]))} for i, c in enumerate("12")},
+                "foreground_mean": {"Dice": float(np.mean(list(dice.values())))}},
+                join(results, "fold_0", "validation", "summary.json"))
         elif cmd[0] == "nnUNetv2_predict":
             shutil.copytree(join(raw, "labelsTs"), option["-o"])
 
@@ -237,6 +277,14 @@ def test_benchmark_continuation_run_trains_missing_labeled_model_first(tmp_path,
     assert continued["settings"] == {"bcp_alpha": 0.3} and continued["bcp_settings"] == {"bcp_alpha": 0.3}
     assert continued["dice_per_case"] == {f"case{i}": {"1": 1.0, "2": 1.0} for i in range(3)}
     assert continued["seed"] == 1 and continued["dice_mean"] == 1.0 and "--bcp bcp_alpha=0.3" in continued["command"]
+    # the validation figures of each run's own final checkpoint, beside the test Dice
+    assert continued["validation_dice_mean"] == pytest.approx(0.75) and continued["validation_num_cases"] == 2
+    assert continued["validation_dice_per_class"] == pytest.approx({"1": 0.7, "2": 0.8})
+    assert continued["validation_dice_per_case"] == {"va0": {"1": 0.6, "2": 0.7}, "va1": {"1": 0.8, "2": 0.9}}
+    assert labeled["validation_dice_mean"] == pytest.approx(0.6) and "from_checkpoint" not in labeled
+    assert continued["from_checkpoint"] == bench.checkpoint_id(
+        join(str(tmp_path), "models", "labeled_k2_s1", "fold_0", "checkpoint_final.pth"))
+    assert bench.load_rows(args.results)[1] == load_json(join(str(tmp_path), "models", continued["run"], "result.json"))
     assert bench.model_done(str(tmp_path), "labeled_k2_s1") and bench.model_done(str(tmp_path), continued["run"])
     assert not os.path.exists(join(str(tmp_path), "runs", continued["run"]))
 
@@ -249,7 +297,7 @@ def test_benchmark_protocol_schedules_missing_models_then_both_arms(tmp_path, mo
     os.makedirs(join(work, "models", "labeled_continue_k2_s0"))
     save_json({}, join(work, "models", "labeled_continue_k2_s0", "result.json"))  # (a) of seed 0 done before
     batches = []
-    monkeypatch.setattr(bench, "run_jobs", lambda jobs, n, w: batches.append((n, jobs)) or ["labeled_k2_s2"] * (
+    monkeypatch.setattr(bench, "run_jobs", lambda jobs, n, w, *rest: batches.append((n, jobs)) or ["labeled_k2_s2"] * (
         len(batches) == 1))
     args = argparse.Namespace(work_dir=work, seeds=[0, 1, 2], k=2, iterations=1000, from_iterations=1000, jobs=3,
                               device="cuda", bcp=["bcp_labeled_loss_weight=1"], redo=False, results="r.jsonl",
@@ -270,6 +318,42 @@ def test_benchmark_protocol_schedules_missing_models_then_both_arms(tmp_path, mo
         bench.protocol(argparse.Namespace(**{**vars(args), "arms": ["bcp_continue"]}))
     assert [name for name, _ in batches[1][1]] == ["bcp_continue_k2_s0_labeled_loss_weight=1",
                                                    "bcp_continue_k2_s1_labeled_loss_weight=1"]
+
+
+def test_benchmark_protocol_runs_candidates_after_both_arms_in_order_of_priority(tmp_path, monkeypatch):
+    bench = _load("benchmark_label_scarce")
+    work = str(tmp_path)
+    for seed in (0, 1):
+        os.makedirs(join(work, "models", f"labeled_k2_s{seed}", "fold_0"))
+        open(join(work, "models", f"labeled_k2_s{seed}", "fold_0", "checkpoint_final.pth"), "w").close()
+    batches = []
+    monkeypatch.setattr(bench, "run_jobs", lambda jobs, n, w, deadline, dry: batches.append((jobs, deadline, dry)) or [])
+    args = argparse.Namespace(work_dir=work, seeds=[0, 1], k=2, iterations=1000, from_iterations=1000, jobs=9,
+                              device="cuda", bcp=[], redo=False, results="r.jsonl", iterations_per_epoch=25,
+                              test_images=None, test_labels=None, arms=["labeled_continue", "bcp_continue"],
+                              candidate=["bcp_labeled_loss_weight=1", "bcp_teacher_weak_view=true,bcp_alpha=0.3", ""],
+                              no_start_after=300, dry_run=True)
+    bench.protocol(args)
+    (first, deadline, dry), (second, _, _) = batches
+    assert first == [] and dry and 0 < deadline - __import__("time").time() <= 300
+    assert [name for name, _ in second] == [
+        "labeled_continue_k2_s0", "bcp_continue_k2_s0", "labeled_continue_k2_s1", "bcp_continue_k2_s1",  # (i)
+        "bcp_continue_k2_s0_labeled_loss_weight=1", "bcp_continue_k2_s1_labeled_loss_weight=1",  # (ii)
+        "bcp_continue_k2_s0_alpha=0.3_teacher_weak_view=true", "bcp_continue_k2_s1_alpha=0.3_teacher_weak_view=true"]
+    argv = second[-1][1]  # the empty candidate repeats (b) and is not scheduled twice
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--bcp"] == ["bcp_teacher_weak_view=true", "bcp_alpha=0.3"]
+
+
+def test_benchmark_run_jobs_starts_nothing_after_the_deadline(tmp_path, capsys):
+    bench = _load("benchmark_label_scarce")
+    import sys
+    import time
+    jobs = [(f"job{i}", [sys.executable, "-c", "print('ran')"]) for i in range(3)]
+    assert bench.run_jobs(jobs, 2, str(tmp_path), deadline=time.time() - 1) == ["job0", "job1", "job2"]
+    assert not os.listdir(str(tmp_path)) and capsys.readouterr().out.count("NOT STARTED") == 3
+    assert bench.run_jobs(jobs[:1], 1, str(tmp_path), dry_run=True) == [] and not os.listdir(str(tmp_path))
+    assert bench.run_jobs(jobs[:1], 1, str(tmp_path), deadline=time.time() + 60) == []
+    assert open(join(str(tmp_path), "job0.out")).read() == "ran\n"
 
 
 def test_benchmark_reader_and_per_case_dice():
