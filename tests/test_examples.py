@@ -356,6 +356,28 @@ def test_benchmark_run_jobs_starts_nothing_after_the_deadline(tmp_path, capsys):
     assert open(join(str(tmp_path), "job0.out")).read() == "ran\n"
 
 
+def test_device_protocol_script_schedules_the_missing_runs_of_issue_12(tmp_path):
+    """examples/device/protocol.sh on the CPU, --dry-run: L of every seed, then (a) and (b) of every seed, then the
+    supervised-term candidate, then the weak-view candidate; no K=4 run."""
+    import subprocess
+    import sys
+    script = os.path.join(EXAMPLES, "device", "protocol.sh")
+    env = {**os.environ, "WORK": str(tmp_path / "w"), "OUT": str(tmp_path / "o"), "DEVICE": "cpu",
+           "PYTHON": sys.executable}
+    done = subprocess.run(["bash", script, "--dry-run"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    runs = [line.split()[2].rstrip(":") for line in done.stdout.splitlines() if line.startswith("would run ")]
+    assert runs == [f"labeled_k2_s{s}" for s in range(3)] + [
+        f"{arm}_k2_s{s}" for s in range(3) for arm in ("labeled_continue", "bcp_continue")] + [
+        f"bcp_continue_k2_s{s}_labeled_loss_weight=1" for s in range(3)] + [
+        f"bcp_continue_k2_s{s}_teacher_weak_view=true" for s in range(3)]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("would run ")]
+    assert all("--device cpu" in line and f"--results {tmp_path / 'o' / 'label_scarce.jsonl'}" in line
+               for line in lines)
+    assert "--bcp bcp_teacher_weak_view=true" in lines[-1] and "-k 2" in lines[-1]
+    assert "--arm bcp -k 4" not in done.stdout
+
+
 def test_benchmark_reader_and_per_case_dice():
     bench = _load("benchmark_label_scarce")
     assert type(bench.reader_writer({"overwrite_image_reader_writer": "NibabelIO"})).__name__ == "NibabelIO"
