@@ -13,13 +13,20 @@ os.environ.setdefault("nnUNet_def_n_proc", "2")
 os.environ.setdefault("nnUNet_compile", "f")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# pytest-xdist: the workers share the machine's cores (each worker has its own nnU-Net folders, _ROOT above)
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
 
 SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 
 
 def run_cli(*args, check=True, env=None, timeout=900):
-    """Run a console command (nnU-Net's or ours) in a subprocess; return the CompletedProcess."""
-    full_env = dict(os.environ, **(env or {}))
+    """Run a console command (nnU-Net's or ours) in a subprocess; return the CompletedProcess. nnU-Net's validation
+    export gets one worker unless ``env`` says otherwise: each worker is a spawned process that imports nnU-Net."""
+    full_env = {**os.environ, "nnUNet_def_n_proc": "1", **(env or {})}
     bindir = os.path.dirname(sys.executable)
     cmd = [os.path.join(bindir, args[0]) if os.path.isfile(os.path.join(bindir, args[0])) else args[0], *args[1:]]
     result = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout)
@@ -29,8 +36,16 @@ def run_cli(*args, check=True, env=None, timeout=900):
     return result
 
 
-def plan_and_preprocess(dataset_id, configurations=("3d_fullres",), extra=()):
-    run_cli("nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", *configurations, "-np", "1", *extra)
+def plan_and_preprocess(dataset_id, configurations=("3d_fullres",), gpu_memory_target=None, plans_name=None):
+    """What ``nnUNetv2_plan_and_preprocess -d ID -c CONFIGURATIONS -npfp 1 -np 1 [-gpu_memory_target G]
+    [-overwrite_plans_name P]`` does, through the same nnU-Net functions, in this process: one worker per pool (the
+    command's default is 8 fingerprint workers, each a spawned process that imports nnU-Net)."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments, preprocess
+    extract_fingerprints([dataset_id], num_processes=1, verbose=False, show_progress_bar=False)
+    plans_identifier = plan_experiments([dataset_id], gpu_memory_target_in_gb=gpu_memory_target,
+                                        overwrite_plans_name=plans_name)
+    preprocess([dataset_id], plans_identifier, list(configurations), [1] * len(configurations),
+               show_progress_bar=False)
 
 
 @pytest.fixture(scope="session")

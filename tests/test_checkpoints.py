@@ -112,13 +112,16 @@ def test_bcp_starts_in_stage_two_from_all_weights_of_an_nnunet_model(trainer, tm
         assert torch.equal(started.network.state_dict()[name], value), name
         assert torch.equal(started.teacher.state_dict()[name], value), name
     assert any("seg_layers" in name for name in plain.network.state_dict())
-    # the command refuses to overwrite a training that has begun
-    again = run_cli("nnUNetv2_bcp_start_from_model", "990", "3d_fullres", fold, "-tr", "nnUNetTrainerBCP", "-m",
-                    model, check=False, env=ext_trainer_env)
-    assert again.returncode != 0 and "already holds ['checkpoint_latest.pth']" in again.stdout + again.stderr
+    # (in this process from here: the command is the function below behind nnU-Net's trainer lookup)
+    from nnunetv2_bcp.training.start_from_model import start_from_model
+    from nnunetv2_bcp.training.nnUNetTrainerLabelSubset import nnUNetTrainerLabelSubset
+    # it refuses to overwrite a training that has begun
+    again = nnUNetTrainerBCP(_plans(trainer), "3d_fullres", int(fold), trainer.dataset_json, torch.device("cpu"))
+    with pytest.raises(SystemExit, match=r"already holds \['checkpoint_latest.pth'\]"):
+        start_from_model(again, model)
     # the labeled-only control continues the same way with a plain nnU-Net trainer
-    run_cli("nnUNetv2_bcp_start_from_model", "990", "3d_fullres", fold, "-tr", "nnUNetTrainerLabelSubset", "-m", model,
-            env=ext_trainer_env)
+    start_from_model(nnUNetTrainerLabelSubset(_plans(trainer), "3d_fullres", int(fold), trainer.dataset_json,
+                                              torch.device("cpu")), model)
     labeled_only = torch.load(join(os.environ["nnUNet_results"], "Dataset990_BCPSynthetic",
                                    "nnUNetTrainerLabelSubset__nnUNetPlans__3d_fullres", f"fold_{fold}",
                                    "checkpoint_latest.pth"), weights_only=False)

@@ -33,11 +33,8 @@ def _gloo_trainer_class():
     return GlooCPUBCP
 
 
-def _gloo_trainer(rank, world_size, init_file, preprocessed):
+def _gloo_trainer(preprocessed):
     """A GlooCPUBCP trainer on this rank's process group (CPU DDP)."""
-    os.environ["nnUNet_n_proc_DA"] = "0"
-    torch.set_num_threads(1)  # two ranks on the CI machine's two cores
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
     from batchgenerators.utilities.file_and_folder_operations import join, load_json
 
@@ -45,6 +42,26 @@ def _gloo_trainer(rank, world_size, init_file, preprocessed):
     nnunet_trainer_module.DDP = lambda module, device_ids=None: DistributedDataParallel(module)
     plans = dict(load_json(join(preprocessed, "nnUNetPlans.json")), continue_training=False)
     return _gloo_trainer_class()(plans, "3d_fullres", 0, load_json(join(preprocessed, "dataset.json")))
+
+
+def _rank_main(rank, world_size, init_file, out_dir, preprocessed):
+    """Both tests' work on one pair of ranks: each rank is a spawned process that imports nnU-Net."""
+    os.environ["nnUNet_n_proc_DA"] = "0"
+    torch.set_num_threads(1)  # two ranks on the CI machine's two cores
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        _trainer_run_on_rank(rank, out_dir, preprocessed)
+        _nonfinite_step_on_rank(rank, out_dir, preprocessed)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_gloo_ranks(synthetic_3d, tmp_path_factory):
+    """The output folder of ``_rank_main`` on two ranks (a hang fails the tests that use it)."""
+    out = tmp_path_factory.mktemp("gloo")
+    _spawn(_rank_main, (2, str(out / "init"), str(out), synthetic_3d["preprocessed"]))
+    return out
 
 
 def _spawn(function, args, timeout=600):
@@ -58,34 +75,31 @@ def _spawn(function, args, timeout=600):
             pytest.fail(f"ranks still running after {timeout} s: hang")
 
 
-def _trainer_rank_main(rank, world_size, init_file, out_dir, preprocessed):
-    trainer = _gloo_trainer(rank, world_size, init_file, preprocessed)
+def _trainer_run_on_rank(rank, out_dir, preprocessed):
+    trainer = _gloo_trainer(preprocessed)
+    real_save, saved = torch.save, []
+
+    def recording_save(obj, f, *args, **kwargs):
+        saved.append(str(f))
+        return real_save(obj, f, *args, **kwargs)
+
+    torch.save = recording_save
     try:
-        real_save, saved = torch.save, []
-
-        def recording_save(obj, f, *args, **kwargs):
-            saved.append(str(f))
-            return real_save(obj, f, *args, **kwargs)
-
-        torch.save = recording_save
-        try:
-            trainer.run_training()
-        finally:
-            torch.save = real_save
-        torch.save({"teacher": trainer.teacher.state_dict(),
-                    "student": trainer.network.module.state_dict(),
-                    "unlabeled": trainer.unlabeled_seen, "saved": saved, "batch_size": trainer.batch_size,
-                    "iteration": trainer.bcp_iteration, "output_folder": trainer.output_folder},
-                   os.path.join(out_dir, f"trainer_rank{rank}.pt"))
+        trainer.run_training()
     finally:
-        dist.destroy_process_group()
+        torch.save = real_save
+    torch.save({"teacher": trainer.teacher.state_dict(),
+                "student": trainer.network.module.state_dict(),
+                "unlabeled": trainer.unlabeled_seen, "saved": saved, "batch_size": trainer.batch_size,
+                "iteration": trainer.bcp_iteration, "output_folder": trainer.output_folder},
+               os.path.join(out_dir, f"trainer_rank{rank}.pt"))
 
 
-def test_bcp_trainer_on_two_gloo_ranks(synthetic_3d, tmp_path):
+def test_bcp_trainer_on_two_gloo_ranks(synthetic_3d, two_gloo_ranks):
     """The real trainer on two ranks: per-rank batch, distinct unlabeled streams, identical students and teachers,
     only rank 0 writes checkpoints and the BCP progress file."""
     from batchgenerators.utilities.file_and_folder_operations import join, load_json
-    _spawn(_trainer_rank_main, (2, str(tmp_path / "init"), str(tmp_path), synthetic_3d["preprocessed"]))
+    tmp_path = two_gloo_ranks
     r0, r1 = (torch.load(tmp_path / f"trainer_rank{r}.pt", weights_only=False) for r in (0, 1))
     global_batch = load_json(join(synthetic_3d["preprocessed"], "nnUNetPlans.json"))[
         "configurations"]["3d_fullres"]["batch_size"]
@@ -108,44 +122,41 @@ def test_bcp_trainer_on_two_gloo_ranks(synthetic_3d, tmp_path):
 _FIRST_CONV = "encoder.stages.0.0.convs.0.conv.weight"
 
 
-def _nonfinite_rank_main(rank, world_size, init_file, out_dir, preprocessed):
-    trainer = _gloo_trainer(rank, world_size, init_file, preprocessed)
+def _nonfinite_step_on_rank(rank, out_dir, preprocessed):
+    trainer = _gloo_trainer(preprocessed)
+    trainer.initialize()
+    trainer.teacher.load_state_dict(trainer.network.module.state_dict())
+    trainer.bcp_teacher_initialized = True
+    patch = trainer.configuration_manager.patch_size
+    scales = trainer._get_deep_supervision_scales()
+    g = torch.Generator().manual_seed(rank)
+    batch_size = trainer.batch_size
+    labeled = {"data": torch.randn(batch_size, 1, *patch, generator=g), "keys": [f"l{rank}"] * batch_size,
+               "target": [torch.randint(0, 3, (batch_size, 1, *[round(p * s) for p, s in zip(patch, sc)]),
+                                        generator=g, dtype=torch.int16) for sc in scales]}
+    unlabeled = {"data": torch.randn(batch_size, 1, *patch, generator=g), "keys": [f"u{rank}"] * batch_size}
+    if rank == 1:
+        labeled["data"][:] = float("nan")  # only this rank sees a non-finite loss
+    teacher = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
+    student = {k: v.clone() for k, v in trainer.network.module.state_dict().items()}
+    first = trainer.stage_two_step(labeled, unlabeled)
+    trainer.bcp_max_nonfinite_steps = 2
     try:
-        trainer.initialize()
-        trainer.teacher.load_state_dict(trainer.network.module.state_dict())
-        trainer.bcp_teacher_initialized = True
-        patch = trainer.configuration_manager.patch_size
-        scales = trainer._get_deep_supervision_scales()
-        g = torch.Generator().manual_seed(rank)
-        batch_size = trainer.batch_size
-        labeled = {"data": torch.randn(batch_size, 1, *patch, generator=g), "keys": [f"l{rank}"] * batch_size,
-                   "target": [torch.randint(0, 3, (batch_size, 1, *[round(p * s) for p, s in zip(patch, sc)]),
-                                            generator=g, dtype=torch.int16) for sc in scales]}
-        unlabeled = {"data": torch.randn(batch_size, 1, *patch, generator=g), "keys": [f"u{rank}"] * batch_size}
-        if rank == 1:
-            labeled["data"][:] = float("nan")  # only this rank sees a non-finite loss
-        teacher = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
-        student = {k: v.clone() for k, v in trainer.network.module.state_dict().items()}
-        first = trainer.stage_two_step(labeled, unlabeled)
-        trainer.bcp_max_nonfinite_steps = 2
-        try:
-            trainer.stage_two_step(labeled, unlabeled)
-            stopped = None
-        except FloatingPointError as e:
-            stopped = str(e)
-        torch.save({"loss": float(first["loss"]), "stopped": stopped,
-                    "teacher_kept": all(torch.equal(v, teacher[k]) for k, v in trainer.teacher.state_dict().items()),
-                    "student_kept": all(torch.equal(v, student[k])
-                                        for k, v in trainer.network.module.state_dict().items()),
-                    "teacher": trainer.teacher.state_dict()}, os.path.join(out_dir, f"nonfinite_rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+        trainer.stage_two_step(labeled, unlabeled)
+        stopped = None
+    except FloatingPointError as e:
+        stopped = str(e)
+    torch.save({"loss": float(first["loss"]), "stopped": stopped,
+                "teacher_kept": all(torch.equal(v, teacher[k]) for k, v in trainer.teacher.state_dict().items()),
+                "student_kept": all(torch.equal(v, student[k])
+                                    for k, v in trainer.network.module.state_dict().items()),
+                "teacher": trainer.teacher.state_dict()}, os.path.join(out_dir, f"nonfinite_rank{rank}.pt"))
 
 
-def test_a_nonfinite_loss_on_one_rank_is_skipped_on_every_rank(synthetic_3d, tmp_path):
+def test_a_nonfinite_loss_on_one_rank_is_skipped_on_every_rank(two_gloo_ranks):
     """A NaN on rank 1 only: no hang, both ranks skip the step (no optimizer step, no EMA), teachers stay identical,
     and the stop after bcp_max_nonfinite_steps happens on both ranks."""
-    _spawn(_nonfinite_rank_main, (2, str(tmp_path / "init"), str(tmp_path), synthetic_3d["preprocessed"]))
+    tmp_path = two_gloo_ranks
     r0, r1 = (torch.load(tmp_path / f"nonfinite_rank{r}.pt", weights_only=False) for r in (0, 1))
     assert r0["loss"] != r0["loss"] and r1["loss"] != r1["loss"]  # both report the skipped step (NaN)
     assert r0["teacher_kept"] and r1["teacher_kept"] and r0["student_kept"] and r1["student_kept"]

@@ -59,12 +59,24 @@ def _dice(a, b, label):
 E2E_ITERATIONS = 10
 
 
-def test_train_resume_predict_end_to_end(synthetic_3d, ext_trainer_env, tmp_path):
+@pytest.fixture(scope="module")
+def small_3d(nnunet_dirs):
+    """Dataset996: 6 labeled + 4 unlabeled + 2 test cases of 16^3 voxels (a network of a few MB: command-line runs
+    train and predict in a fraction of the shared 32^3 dataset's time)."""
+    from nnunetv2_bcp.demo.synthetic import make_synthetic_dataset
+    folder = make_synthetic_dataset(nnunet_dirs["nnUNet_raw"], 996, "EndToEnd", num_labeled=6, num_unlabeled=4,
+                                    num_test=2, shape=(16, 16, 16))
+    plan_and_preprocess(996)
+    return {"raw": folder, "preprocessed": join(nnunet_dirs["nnUNet_preprocessed"], os.path.basename(folder))}
+
+
+def test_train_resume_predict_end_to_end(small_3d, ext_trainer_env, tmp_path):
+    synthetic_3d = small_3d
     env = dict(ext_trainer_env, nnUNet_n_proc_DA="2", BCP_TEST_ITERATIONS=str(E2E_ITERATIONS))
-    crashed = run_cli("nnUNetv2_train", "990", "3d_fullres", "0", "-tr", "nnUNetTrainerBCP_test", "-device", "cpu",
+    crashed = run_cli("nnUNetv2_train", "996", "3d_fullres", "0", "-tr", "nnUNetTrainerBCP_test", "-device", "cpu",
                       env=dict(env, BCP_TEST_STOP_AFTER_EPOCH="2"), check=False)
     assert crashed.returncode == 3, crashed.stderr[-3000:]
-    fold = join(_results_folder("Dataset990_BCPSynthetic", "nnUNetTrainerBCP_test"), "fold_0")
+    fold = join(_results_folder("Dataset996_EndToEnd", "nnUNetTrainerBCP_test"), "fold_0")
     latest = torch.load(join(fold, "checkpoint_latest.pth"), weights_only=False, map_location="cpu")
     assert latest["current_epoch"] == 3 and latest["bcp"]["teacher_initialized"]
     assert latest["bcp"]["iteration"] == E2E_ITERATIONS  # one stage-2 epoch
@@ -73,7 +85,7 @@ def test_train_resume_predict_end_to_end(synthetic_3d, ext_trainer_env, tmp_path
     w_teacher = latest["bcp"]["teacher_weights"][FIRST_CONV]
     assert not torch.equal(w_student, w_teacher)
 
-    resumed = run_cli("nnUNetv2_train", "990", "3d_fullres", "0", "-tr", "nnUNetTrainerBCP_test", "-device", "cpu",
+    resumed = run_cli("nnUNetv2_train", "996", "3d_fullres", "0", "-tr", "nnUNetTrainerBCP_test", "-device", "cpu",
                       "--c", env=env)
     log = resumed.stdout
     assert "Epoch 3" in log and "Epoch 2\n" not in log and "BCP stage 2" in log
@@ -83,19 +95,23 @@ def test_train_resume_predict_end_to_end(synthetic_3d, ext_trainer_env, tmp_path
     assert final["bcp"]["iteration"] == 2 * E2E_ITERATIONS and final["current_epoch"] == 4
     assert not os.path.exists(join(fold, "checkpoint_latest.pth"))
     settings = load_json(join(fold, "bcp_settings.json"))
-    assert settings["bcp_alpha"] == 0.5 and settings["bcp_pretrain_epochs"] == 2 and settings["box_stride"] == [4, 4, 4]
+    assert settings["bcp_alpha"] == 0.5 and settings["bcp_pretrain_epochs"] == 2
+    strides = load_json(join(small_3d["preprocessed"], "nnUNetPlans.json"))["configurations"]["3d_fullres"][
+        "architecture"]["arch_kwargs"]["strides"]
+    assert settings["box_stride"] == np.prod(strides[:-1], axis=0).tolist()  # the coarsest deep-supervision grid
     progress = load_json(join(fold, "bcp_progress.json"))
     assert [p["epoch"] for p in progress] == [2, 3] and len(progress[0]["bcp_pseudo_fg_fraction"]) == 2
     assert os.path.isfile(join(fold, "progress.png")) and os.path.isfile(join(fold, "validation", "summary.json"))
 
     os.remove(join(fold, "validation", "summary.json"))
-    run_cli("nnUNetv2_train", "990", "3d_fullres", "0", "-tr", "nnUNetTrainerBCP_test", "-device", "cpu", "--val",
+    run_cli("nnUNetv2_train", "996", "3d_fullres", "0", "-tr", "nnUNetTrainerBCP_test", "-device", "cpu", "--val",
             env=env)
     assert os.path.isfile(join(fold, "validation", "summary.json"))
 
     out = str(tmp_path / "pred")
-    run_cli("nnUNetv2_predict", "-i", join(synthetic_3d["raw"], "imagesTs"), "-o", out, "-d", "990", "-c",
-            "3d_fullres", "-f", "0", "-tr", "nnUNetTrainerBCP_test", "-device", "cpu", env=env)
+    run_cli("nnUNetv2_predict", "-i", join(synthetic_3d["raw"], "imagesTs"), "-o", out, "-d", "996", "-c",
+            "3d_fullres", "-f", "0", "-tr", "nnUNetTrainerBCP_test", "-device", "cpu", "-npp", "1", "-nps", "1",
+            env=env)
     for case in ("test_000", "test_001"):
         pred = sitk.GetArrayFromImage(sitk.ReadImage(join(out, case + ".nii.gz")))
         ref = sitk.GetArrayFromImage(sitk.ReadImage(join(synthetic_3d["raw"], "labelsTs", case + ".nii.gz")))
@@ -103,30 +119,21 @@ def test_train_resume_predict_end_to_end(synthetic_3d, ext_trainer_env, tmp_path
         # The object fills 1.4-6.5% of the volume (radii 0.15-0.25 of the side): an empty prediction scores 0 and
         # an all-foreground one at most 0.13, so above 0.5 the model has found the object.
         assert _dice(pred > 0, ref > 0, True) > 0.5, case
-
-    # a plain-nnU-Net copy of the model (no plugin needed to load it) predicts the same
-    plain = str(tmp_path / "plain_model")
-    run_cli("nnUNetv2_bcp_export", "-i", _results_folder("Dataset990_BCPSynthetic", "nnUNetTrainerBCP_test"),
-            "-o", plain, "-f", "0")
-    ckpt = torch.load(join(plain, "fold_0", "checkpoint_final.pth"), weights_only=False)
-    assert ckpt["trainer_name"] == "nnUNetTrainer" and "bcp" not in ckpt
-    out_plain = str(tmp_path / "pred_plain")
-    run_cli("nnUNetv2_predict_from_modelfolder", "-i", join(synthetic_3d["raw"], "imagesTs"), "-o", out_plain,
-            "-m", plain, "-f", "0", "-device", "cpu", env={"nnUNet_extTrainer": ""})
-    for case in ("test_000", "test_001"):
-        a = sitk.GetArrayFromImage(sitk.ReadImage(join(out, case + ".nii.gz")))
-        b = sitk.GetArrayFromImage(sitk.ReadImage(join(out_plain, case + ".nii.gz")))
-        assert np.array_equal(a, b)
+    # the model handed to plain nnU-Net (nnUNetv2_bcp_export) predicts the same: test_nnunet_tools.py
 
 
-def test_refuses_without_unlabeled_images(nnunet_dirs, ext_trainer_env):
+def test_refused_without_unlabeled_images_then_a_label_subset_trains_without_reading_dropped_labels(
+        nnunet_dirs, ext_trainer_env):
+    """A user's path: no unlabeled images, refused with the remedy named; the remedy (a label subset) then trains
+    without ever reading the dropped labels."""
     from nnunetv2_bcp.demo.synthetic import make_synthetic_dataset
-    folder = make_synthetic_dataset(nnunet_dirs["nnUNet_raw"], 993, "NoUnlabeled", num_labeled=5, num_unlabeled=0,
+    folder = make_synthetic_dataset(nnunet_dirs["nnUNet_raw"], 994, "Subset", num_labeled=10, num_unlabeled=0,
                                     num_test=0, shape=(16, 16, 16))
     shutil.rmtree(join(folder, "imagesUnlabeled"))
-    plan_and_preprocess(993)
-    result = run_cli("nnUNetv2_train", "993", "3d_fullres", "0", "-tr", "nnUNetTrainerBCP_test", "-device", "cpu",
-                     env=dict(ext_trainer_env, nnUNet_n_proc_DA="0"), check=False)
+    plan_and_preprocess(994)
+    env = dict(ext_trainer_env, nnUNet_n_proc_DA="0")
+    result = run_cli("nnUNetv2_train", "994", "3d_fullres", "0", "-tr", "nnUNetTrainerBCP_test", "-device", "cpu",
+                     env=env, check=False)
     assert result.returncode != 0
     assert "needs unlabeled images and found none" in result.stderr
     assert join(folder, "imagesUnlabeled") in result.stderr and "nnUNetv2_bcp_label_subset" in result.stderr
@@ -135,31 +142,23 @@ def test_refuses_without_unlabeled_images(nnunet_dirs, ext_trainer_env):
     from nnunetv2_bcp import nnUNetTrainerBCP
     from nnunetv2_bcp.unlabeled.raw import UnlabeledDataError
     os.makedirs(join(folder, "imagesUnlabeled"))
-    pre = join(nnunet_dirs["nnUNet_preprocessed"], "Dataset993_NoUnlabeled")
+    pre = join(nnunet_dirs["nnUNet_preprocessed"], "Dataset994_Subset")
     plans = dict(load_json(join(pre, "nnUNetPlans.json")), continue_training=False)
     trainer = nnUNetTrainerBCP(plans, "3d_fullres", 0, load_json(join(pre, "dataset.json")), torch.device("cpu"))
     trainer.initialize()
     with pytest.raises(UnlabeledDataError, match="needs unlabeled images and found none"):
         trainer._unlabeled_keys()
 
-
-def test_label_subset_training_never_reads_dropped_labels(nnunet_dirs, ext_trainer_env):
-    from nnunetv2_bcp.demo.synthetic import make_synthetic_dataset
-    folder = make_synthetic_dataset(nnunet_dirs["nnUNet_raw"], 994, "Subset", num_labeled=10, num_unlabeled=0,
-                                    num_test=0, shape=(16, 16, 16))
-    shutil.rmtree(join(folder, "imagesUnlabeled"))
-    plan_and_preprocess(994)
     run_cli("nnUNetv2_bcp_label_subset", "-d", "994", "-k", "2")
-    pre = join(nnunet_dirs["nnUNet_preprocessed"], "Dataset994_Subset")
     subset = load_json(join(pre, "bcp_label_subset.json"))["folds"]["0"]
     for case in subset["unlabeled"]:  # destroy every trace of the dropped labels
         os.remove(join(pre, "nnUNetPlans_3d_fullres", case + "_seg.b2nd"))
         with open(join(folder, "labelsTr", case + ".nii.gz"), "wb") as f:
             f.write(b"destroyed")
     result = run_cli("nnUNetv2_train", "994", "3d_fullres", "0", "-tr", "nnUNetTrainerBCP_test", "-device", "cpu",
-                     env=dict(ext_trainer_env, nnUNet_n_proc_DA="0"))
+                     env=dict(env, BCP_TEST_EPOCHS="3"))
     assert "Label subset: 2 labeled training cases, 6 training cases with their labels dropped" in result.stdout
-    assert "BCP unlabeled stream: 6 cases" in result.stdout
+    assert "BCP unlabeled stream: 6 cases" in result.stdout and "BCP stage 2" in result.stdout
 
 
 # ---------------------------------------------------------------- in-process wiring tests
@@ -336,3 +335,29 @@ def test_checkpoint_from_another_trainer_or_plan_is_refused(trainer, tmp_path):
     torch.save(ckpt, str(tmp_path / "plain.pth"))
     with pytest.raises(SystemExit, match="written by nnUNetTrainer, not by a BCP trainer"):
         trainer.load_checkpoint(str(tmp_path / "plain.pth"))
+
+
+def test_bcp_settings_reach_nnunets_weights_and_biases_logger(trainer, monkeypatch):
+    """With nnUNet_wandb_enabled, nnU-Net's MetaLogger holds a WandbLogger: the BCP settings go to its run config."""
+    from nnunetv2.training.logging import nnunet_logger
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    class FakeRun:  # what WandbLogger uses of a wandb run
+        step = 0
+
+        def __init__(self):
+            self.config = {}
+
+    class FakeWandb:
+        @staticmethod
+        def init(**kwargs):
+            return FakeRun()
+
+    monkeypatch.setattr(nnunet_logger, "wandb", FakeWandb)
+    monkeypatch.setenv("nnUNet_wandb_enabled", "1")
+    trainer.logger = nnunet_logger.MetaLogger(trainer.output_folder, resume=False)
+    monkeypatch.setattr(nnUNetTrainer, "on_train_start", lambda self: None)  # data loaders etc.: not needed here
+    trainer.on_train_start()
+    config = trainer.logger.loggers[0].run.config
+    assert {k: config[k] for k in ("bcp_alpha", "bcp_ema_decay", "bcp_pretrain_epochs")} == {
+        "bcp_alpha": 0.5, "bcp_ema_decay": 0.99, "bcp_pretrain_epochs": trainer.pretrain_epochs()}
