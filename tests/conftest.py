@@ -23,6 +23,15 @@ if _workers > 1:
 SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "heavy: a long run through nnU-Net's commands; started first, so that "
+                                       "pytest-xdist's workers (-n 2) finish together")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)  # stable: otherwise in file order
+
+
 def run_cli(*args, check=True, env=None, timeout=900):
     """Run a console command (nnU-Net's or ours) in a subprocess; return the CompletedProcess. nnU-Net's validation
     export gets one worker unless ``env`` says otherwise: each worker is a spawned process that imports nnU-Net."""

@@ -58,9 +58,17 @@ def _rank_main(rank, world_size, init_file, out_dir, preprocessed):
 
 @pytest.fixture(scope="module")
 def two_gloo_ranks(synthetic_3d, tmp_path_factory):
-    """The output folder of ``_rank_main`` on two ranks (a hang fails the tests that use it)."""
-    out = tmp_path_factory.mktemp("gloo")
-    _spawn(_rank_main, (2, str(out / "init"), str(out), synthetic_3d["preprocessed"]))
+    """The output folder of ``_rank_main`` on two ranks (a hang fails the tests that use it). Made once per test run:
+    pytest-xdist's workers share the parent of their temporary folders, and the first to get here makes it."""
+    from filelock import FileLock
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    out = shared / "two_gloo_ranks"
+    with FileLock(str(shared / "two_gloo_ranks.lock")):
+        if not (out / "done").is_file():
+            out.mkdir(exist_ok=True)
+            _spawn(_rank_main, (2, str(out / "init"), str(out), synthetic_3d["preprocessed"]))
+            (out / "done").write_text("")
     return out
 
 
@@ -95,6 +103,7 @@ def _trainer_run_on_rank(rank, out_dir, preprocessed):
                os.path.join(out_dir, f"trainer_rank{rank}.pt"))
 
 
+@pytest.mark.heavy
 def test_bcp_trainer_on_two_gloo_ranks(synthetic_3d, two_gloo_ranks):
     """The real trainer on two ranks: per-rank batch, distinct unlabeled streams, identical students and teachers,
     only rank 0 writes checkpoints and the BCP progress file."""
