@@ -24,12 +24,16 @@ SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "heavy: a long run through nnU-Net's commands; started first, so that "
-                                       "pytest-xdist's workers (-n 2) finish together")
+    config.addinivalue_line("markers", "heavy(rank): a long run through nnU-Net's commands, started before the other "
+                                       "tests in the order of its rank (longest first), so that pytest-xdist's two "
+                                       "workers, fed one test at a time (--maxschedchunk 1), finish together")
 
 
 def pytest_collection_modifyitems(items):
-    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)  # stable: otherwise in file order
+    def start_order(item):
+        heavy = item.get_closest_marker("heavy")
+        return (0, heavy.args[0]) if heavy else (1, 0)
+    items.sort(key=start_order)  # stable: otherwise in file order
 
 
 def run_cli(*args, check=True, env=None, timeout=900):

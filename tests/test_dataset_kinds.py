@@ -193,7 +193,6 @@ class _Recorder:
         module.register_forward_pre_hook(lambda m, args: self.calls.append(args))
 
 
-@pytest.mark.heavy
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_mixed_inputs_and_targets_of_both_stages(kind, request, tmp_path, monkeypatch):
     from nnunetv2_bcp import nnUNetTrainerBCP
@@ -290,7 +289,7 @@ def test_mixed_inputs_and_targets_of_both_stages(kind, request, tmp_path, monkey
 SMALL_GPU_PLANS = dict(gpu_memory_target=0.02, plans_name="nnUNetPlansSmallGPU")
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(2)
 def test_lowres_trains_and_predicts_and_the_cascade_is_refused(nnunet_dirs, ext_trainer_env, tmp_path):  # noqa: F811
     from nnunetv2_bcp.demo.synthetic import make_synthetic_dataset
     dataset_id, configuration, plans_name, shape = 987, "3d_lowres", "nnUNetPlansSmallGPU", (48, 48, 48)

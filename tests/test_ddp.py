@@ -103,7 +103,7 @@ def _trainer_run_on_rank(rank, out_dir, preprocessed):
                os.path.join(out_dir, f"trainer_rank{rank}.pt"))
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(5)
 def test_bcp_trainer_on_two_gloo_ranks(synthetic_3d, two_gloo_ranks):
     """The real trainer on two ranks: per-rank batch, distinct unlabeled streams, identical students and teachers,
     only rank 0 writes checkpoints and the BCP progress file."""

@@ -128,7 +128,7 @@ def _segmentations(folder):
             for f in sorted(os.listdir(folder)) if f.endswith(".nii.gz")}
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(1)
 def test_cross_validation_to_a_model_for_plain_nnunet(nnunet_dirs, tmp_path):
     from nnunetv2_bcp.demo.synthetic import make_synthetic_dataset
     from nnunetv2_bcp.export import INFERENCE_KEYS

@@ -70,7 +70,7 @@ def small_3d(nnunet_dirs):
     return {"raw": folder, "preprocessed": join(nnunet_dirs["nnUNet_preprocessed"], os.path.basename(folder))}
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(3)
 def test_train_resume_predict_end_to_end(small_3d, ext_trainer_env, tmp_path):
     synthetic_3d = small_3d
     env = dict(ext_trainer_env, nnUNet_n_proc_DA="2", BCP_TEST_ITERATIONS=str(E2E_ITERATIONS))
@@ -123,7 +123,7 @@ def test_train_resume_predict_end_to_end(small_3d, ext_trainer_env, tmp_path):
     # the model handed to plain nnU-Net (nnUNetv2_bcp_export) predicts the same: test_nnunet_tools.py
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(4)
 def test_refused_without_unlabeled_images_then_a_label_subset_trains_without_reading_dropped_labels(
         nnunet_dirs, ext_trainer_env):
     """A user's path: no unlabeled images, refused with the remedy named; the remedy (a label subset) then trains
