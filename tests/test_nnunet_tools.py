@@ -117,9 +117,7 @@ class nnUNetTrainer_tools(nnUNetTrainer):
 '''
 
 BCP = "nnUNetTrainerBCP_tools"
-# Two folds, not five: each nnU-Net command costs a process start with its imports (and training a validation
-# worker), and the folds add nothing the second one does not already show; the flags below name them explicitly.
-FOLDS = ("0", "1")
+FOLDS = ("0", "1", "2", "3", "4")  # nnU-Net's five-fold cross-validation, as a challenge submission trains it
 CROSSVAL = "crossval_results_folds_" + "_".join(FOLDS)
 
 
