@@ -32,6 +32,7 @@ on every rank, so each rank calls the module for both directions and origins on 
 direction's samples masked out, even without a sample of that direction; such a term is multiplied by its zero
 share, never skipped, so the all-reduce in the backward pass also runs on every rank.
 """
+import copy
 from typing import Optional
 
 import torch
@@ -53,6 +54,11 @@ class BCPLoss(nn.Module):
                  has_ignore_channel: bool = False, weight_ce: float = 1.0, weight_dice: float = 1.0):
         super().__init__()
         self.dice_loss = dice_loss
+        # nnU-Net's Dice module applies its nonlinearity (softmax / sigmoid) on each call, and BCP calls it four times
+        # per scale (two origins x two directions) on the same logits: the probabilities are computed once and given
+        # to a copy of the module without the nonlinearity (same settings, same all-gather under DDP)
+        self.dice_on_probabilities = copy.copy(dice_loss)
+        self.dice_on_probabilities.apply_nonlin = None
         self.region_based = region_based
         self.ignore_label = ignore_label
         self.has_ignore_channel = has_ignore_channel
@@ -65,6 +71,13 @@ class BCPLoss(nn.Module):
         (B, R[+1 ignore], ...)); ``from_labeled`` bool (B, 1, ...): the voxel came from the labeled image;
         ``inward`` bool (B,): the sample is ``X^in``. Returns ``stack([L_labeled, L_unlabeled])``."""
         ce_map, dice_target, valid = self._ce_map(logits, target)
+        nonlinearity = self.dice_loss.apply_nonlin
+        probabilities = nonlinearity(logits) if nonlinearity is not None else logits
+        with torch.no_grad():  # the Dice module's one-hot target, made once for the four calls, in the logits' dtype
+            if dice_target.shape == probabilities.shape:
+                dice_target = dice_target.to(probabilities.dtype)
+            else:
+                dice_target = torch.zeros_like(probabilities).scatter_(1, dice_target.long(), 1)
         inward = inward.to(logits.device)
         batch_size = logits.shape[0]
         terms = []
@@ -75,7 +88,7 @@ class BCPLoss(nn.Module):
                 region = valid & origin & in_direction
                 num_voxels = region.sum()
                 ce = (ce_map * region).sum() / num_voxels.clamp_min(1)
-                dice = self._direction_dice(logits, dice_target, region, direction)
+                dice = self._direction_dice(probabilities, dice_target, region.to(probabilities.dtype), direction)
                 share = direction.sum() / batch_size * (num_voxels > 0)
                 term = term + share * (self.weight_ce * ce + self.weight_dice * dice)
             terms.append(term)
@@ -100,16 +113,17 @@ class BCPLoss(nn.Module):
         ce_map = F.cross_entropy(logits, target[:, 0].long(), reduction="none").unsqueeze(1)
         return ce_map, target, valid
 
-    def _direction_dice(self, logits: torch.Tensor, dice_target: torch.Tensor, region: torch.Tensor,
+    def _direction_dice(self, probabilities: torch.Tensor, dice_target: torch.Tensor, region: torch.Tensor,
                         direction: torch.Tensor) -> torch.Tensor:
-        if self.dice_loss.batch_dice:
+        dice = self.dice_on_probabilities
+        if dice.batch_dice:
             # the whole batch, the other direction's samples masked out (they add zero to the batch sums): with
             # ddp the module all-gathers, which needs the same calls and shapes on every rank
-            return self.dice_loss(logits, dice_target, loss_mask=region)
+            return dice(probabilities, dice_target, loss_mask=region)
         # per-sample Dice (no collective): its mean over samples must see this direction's samples only
         if not direction.any():
-            return logits.new_zeros(())
-        return self.dice_loss(logits[direction], dice_target[direction], loss_mask=region[direction])
+            return probabilities.new_zeros(())
+        return dice(probabilities[direction], dice_target[direction], loss_mask=region[direction])
 
     @classmethod
     def like_nnunet_loss(cls, nnunet_loss: nn.Module) -> nn.Module:
