@@ -315,7 +315,10 @@ def test_preprocessing_killed_midway_finishes_cleanly(synthetic_3d, tmp_path):
     roots = {name: str(tmp_path / name) for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
     raw = join(roots["nnUNet_raw"], "Dataset990_BCPSynthetic")
     shutil.copytree(synthetic_3d["raw"], raw)
-    shutil.copytree(synthetic_3d["preprocessed"], join(roots["nnUNet_preprocessed"], "Dataset990_BCPSynthetic"))
+    # without the session's unlabeled data: its manifest (possibly written with other plans by another test) would
+    # count as progress of the run killed below before that run had done anything
+    shutil.copytree(synthetic_3d["preprocessed"], join(roots["nnUNet_preprocessed"], "Dataset990_BCPSynthetic"),
+                    ignore=shutil.ignore_patterns("*_unlabeled"))
     total = 40  # enough that the kill, at the first finished case, comes with most of them still to do
     for i in range(4, total):
         shutil.copy(join(raw, "imagesUnlabeled", f"unl_{i % 4:03d}_0000.nii.gz"),
