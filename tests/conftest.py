@@ -32,7 +32,7 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(items):
     def start_order(item):
         heavy = item.get_closest_marker("heavy")
-        return (0, heavy.args[0]) if heavy else (1, 0)
+        return (0, heavy.args[0] if heavy.args else 0) if heavy else (1, 0)
     items.sort(key=start_order)  # stable: otherwise in file order
 
 
