@@ -25,8 +25,8 @@ SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "heavy(rank): a long run through nnU-Net's commands, started before the other "
-                                       "tests in the order of its rank (longest first), so that pytest-xdist's two "
-                                       "workers, fed one test at a time (--maxschedchunk 1), finish together")
+                                       "tests in the order of its rank; pytest-xdist (--maxschedchunk 1) queues two "
+                                       "tests per worker, so ranks 1 and 2 run on one worker, 3 and 4 on the other")
 
 
 def pytest_collection_modifyitems(items):

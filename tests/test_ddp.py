@@ -67,7 +67,8 @@ def two_gloo_ranks(synthetic_3d, tmp_path_factory):
     with FileLock(str(shared / "two_gloo_ranks.lock")):
         if not (out / "done").is_file():
             out.mkdir(exist_ok=True)
-            _spawn(_rank_main, (2, str(out / "init"), str(out), synthetic_3d["preprocessed"]))
+            # a fresh rendezvous file per attempt: one left by a failed attempt can hang the next
+            _spawn(_rank_main, (2, str(out / f"init_{os.getpid()}"), str(out), synthetic_3d["preprocessed"]))
             (out / "done").write_text("")
     return out
 

@@ -148,6 +148,21 @@ def test_matches_reference_values_and_gradients(spatial, batch_dice, batch_size,
     assert_terms_and_gradients_match(ours, reference, logits)
 
 
+@pytest.mark.parametrize("kind", ["labels", "regions"])
+def test_a_nonlinearity_given_as_a_module_stays_in_nnunets_loss(kind):
+    """BCPLoss computes the Dice module's nonlinearity once and calls a copy without it: nnU-Net's own loss (used for
+    stage 1 and validation) keeps its nonlinearity, also where it is a module, and the terms are unchanged."""
+    loss = nnunet_loss(kind, batch_dice=True)
+    module = torch.nn.Softmax(dim=1) if kind == "labels" else torch.nn.Sigmoid()
+    loss.dc.apply_nonlin = module
+    inward = random_inward(2, 1, 3)
+    logits, target, from_labeled = mixed_batch(kind, (6, 6, 9), inward, 3)
+    ours = BCPLoss.like_nnunet_loss(loss)(logits, target, from_labeled, inward)
+    assert loss.dc.apply_nonlin is module
+    reference = reference_bcp_terms(logits, target, from_labeled, inward, kind, True)
+    assert_terms_and_gradients_match(ours, reference, logits)
+
+
 def test_ce_and_dice_weights():
     inward = torch.tensor([False, True, False])
     logits, target, from_labeled = mixed_batch("labels+ignore", (8, 8), inward, seed=5)

@@ -27,7 +27,7 @@ from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
 def modules():
     return [recursive_find_trainer_class_by_name(name).__module__
-            for name in ("nnUNetTrainerBCP", "nnUNetTrainerSomeoneElses")]
+            for name in ("nnUNetTrainerBCP", "nnUNetTrainerLabelSubset", "nnUNetTrainerSomeoneElses")]
 
 found = {"as exported": [os.environ["nnUNet_extTrainer"], modules()]}
 os.environ["nnUNet_extTrainer"] = sys.argv[1]
@@ -54,7 +54,8 @@ def test_ext_trainer_dir_command_appends_and_nnunet_finds_both(tmp_path):
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     found = json.loads(result.stdout.strip().splitlines()[-1])
-    both = ["nnunetv2_bcp.training.nnUNetTrainerBCP", "someone_elses_trainers"]
+    both = ["nnunetv2_bcp.training.nnUNetTrainerBCP", "nnunetv2_bcp.training.nnUNetTrainerLabelSubset",
+            "someone_elses_trainers"]
     assert found["as exported"] == [f"{ours}:{other}", both]
     assert found["other first"] == [f"{other}:{ours}", both]
 
@@ -177,7 +178,7 @@ def test_cross_validation_to_a_model_for_plain_nnunet(nnunet_dirs, tmp_path):
     # the hand-out: exported, zipped, installed into a results folder where only plain nnU-Net runs
     export_root = str(tmp_path / "export_results")
     exported = join(export_root, dataset, f"{BCP}__nnUNetPlans__3d_fullres")
-    run_cli("nnUNetv2_bcp_export", "-i", model, "-o", exported)
+    run_cli("nnUNetv2_bcp_export", "-i", model, "-o", exported, "-f", *FOLDS)
     for fold in FOLDS:
         trained = join(model, f"fold_{fold}", "checkpoint_final.pth")
         plain = join(exported, f"fold_{fold}", "checkpoint_final.pth")

@@ -150,6 +150,7 @@ def test_refused_without_unlabeled_images_then_a_label_subset_trains_without_rea
     trainer.initialize()
     with pytest.raises(UnlabeledDataError, match="needs unlabeled images and found none"):
         trainer._unlabeled_keys()
+    os.rmdir(join(folder, "imagesUnlabeled"))  # the remedy below, for a dataset without that folder
 
     run_cli("nnUNetv2_bcp_label_subset", "-d", "994", "-k", "2")
     subset = load_json(join(pre, "bcp_label_subset.json"))["folds"]["0"]

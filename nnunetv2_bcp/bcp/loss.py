@@ -57,7 +57,9 @@ class BCPLoss(nn.Module):
         # nnU-Net's Dice module applies its nonlinearity (softmax / sigmoid) on each call, and BCP calls it four times
         # per scale (two origins x two directions) on the same logits: the probabilities are computed once and given
         # to a copy of the module without the nonlinearity (same settings, same all-gather under DDP)
-        self.dice_on_probabilities = copy.copy(dice_loss)
+        # (a deep copy: a shallow one would share a nonlinearity given as a module, and None would remove it from
+        # nnU-Net's own loss too)
+        self.dice_on_probabilities = copy.deepcopy(dice_loss)
         self.dice_on_probabilities.apply_nonlin = None
         self.region_based = region_based
         self.ignore_label = ignore_label
@@ -73,7 +75,7 @@ class BCPLoss(nn.Module):
         ce_map, dice_target, valid = self._ce_map(logits, target)
         nonlinearity = self.dice_loss.apply_nonlin
         probabilities = nonlinearity(logits) if nonlinearity is not None else logits
-        with torch.no_grad():  # the Dice module's one-hot target, made once for the four calls, in the logits' dtype
+        with torch.no_grad():  # the Dice module's one-hot target, made once for the four calls
             if dice_target.shape == probabilities.shape:
                 dice_target = dice_target.to(probabilities.dtype)
             else:
