@@ -2,14 +2,16 @@
 
 Usage (nnUNet_* variables set; the dataset planned, preprocessed, with unlabeled images or a label subset):
     python examples/benchmark_cost.py -d DATASET [-c 3d_fullres] [-p nnUNetPlans] [--iterations 20] [--device cpu]
-        [--data-wait-iterations N] [--filter-shape 128 128 128]
+        [--data-wait-iterations N] [--filter-shape 128 128 128] [--bcp NAME=VALUE ...]
 
-Each trainer runs in its own process (so that peak memory is its own): warm-up iterations, then timed ones.
-Prints seconds per iteration, peak memory (RSS on CPU, max allocated on CUDA) and the ratios, plus a breakdown of
-the BCP step (teacher forward, pseudo-label filtering and its share of the step, EMA update) measured on the same
+Each trainer runs in its own process (so that peak memory is its own): warm-up iterations, then timed ones; with
+``--repeats R`` each trainer runs R times in alternating order and the figure is the median over all its timed
+iterations (a 2-core machine's speed drifts by several percent between runs). Prints seconds per iteration, peak
+memory (RSS on CPU, max allocated on CUDA) and the ratios, plus a breakdown of the BCP step (teacher forward, pseudo-label filtering and its share of the step, EMA update) measured on the same
 batch. ``--data-wait-iterations N`` then runs N iterations on the real streams (nnU-Net's augmentation workers,
 ``nnUNet_n_proc_DA``) and reports the seconds per iteration spent waiting for batches; ``--filter-shape`` times the
-largest-component filter on a synthetic batch of two label maps of that shape as well.
+largest-component filter on a synthetic batch of two label maps of that shape as well. ``--bcp`` sets BCP settings
+(e.g. ``bcp_labeled_loss_weight=1``) on the BCP trainer before it is initialised.
 """
 import argparse
 import json
@@ -19,6 +21,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 from batchgenerators.utilities.file_and_folder_operations import join, load_json
 
@@ -34,6 +37,12 @@ def _trainer(kind: str, args):
     cls = nnUNetTrainerBCP if kind == "bcp" else nnUNetTrainer
     fold = args.f if args.f == "all" else int(args.f)
     trainer = cls(plans, args.c, fold, load_json(join(folder, "dataset.json")), torch.device(args.device))
+    if kind == "bcp":
+        from benchmark_label_scarce import parse_settings
+        for name, value in parse_settings(args.bcp).items():
+            if not hasattr(trainer, name):
+                raise SystemExit(f"--bcp {name}: nnUNetTrainerBCP has no such setting")
+            setattr(trainer, name, value)
     trainer.initialize()
     return trainer
 
@@ -65,11 +74,13 @@ def measure(kind: str, args) -> dict:
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     _sync(args.device)
-    start = time.perf_counter()
+    seconds = []
     for _ in range(args.iterations):
+        start = time.perf_counter()
         step()
-    _sync(args.device)
-    result = {"seconds_per_iteration": (time.perf_counter() - start) / args.iterations,
+        _sync(args.device)
+        seconds.append(time.perf_counter() - start)
+    result = {"seconds_per_iteration": float(np.median(seconds)), "iteration_seconds": seconds,
               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               "batch_size": trainer.batch_size, "patch_size": list(trainer.configuration_manager.patch_size)}
     if args.device.startswith("cuda"):
@@ -117,6 +128,9 @@ def breakdown(trainer, batch, ubatch, args) -> dict:
     from nnunetv2_bcp.bcp import ema_update_, keep_largest_component, pseudo_labels
     device = trainer.device
     unlabeled = ubatch["data"].to(device)
+    if trainer.bcp_teacher_weak_view:  # the stream carries both views; the teacher sees the weak one
+        from nnunetv2_bcp.unlabeled.weak_view import split_views
+        unlabeled = split_views(unlabeled)[1]
 
     def timed(fn, repeats=5):
         fn()
@@ -146,28 +160,46 @@ def main():
     parser.add_argument("-f", default="0", help="fold (default 0; 'all' for tiny datasets)")
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="processes per trainer, run in alternating order (default 2); the figure is the median "
+                             "over all their timed iterations")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-wait-iterations", type=int, default=0,
                         help="then N iterations on the real streams, timing the waits for batches (0: skip)")
     parser.add_argument("--filter-shape", type=int, nargs="+", default=None,
                         help="also time the largest-component filter on 2 synthetic label maps of this shape")
+    parser.add_argument("--bcp", nargs="+", default=[], metavar="NAME=VALUE",
+                        help="BCP settings for the BCP trainer, e.g. bcp_labeled_loss_weight=1 (values are JSON)")
     parser.add_argument("--only", choices=["plain", "bcp"], help=argparse.SUPPRESS)
     parser.add_argument("-o", default=None, help="append the result as a JSON line to this file")
     args = parser.parse_args()
+    from benchmark_label_scarce import parse_settings
+    settings = parse_settings(args.bcp)  # a malformed setting is refused before anything runs
     if args.only:
         print(json.dumps(measure(args.only, args)))
         return
     results = {}
     # without the data-wait run the streams only deliver the first batch: no augmentation workers
     env = dict(os.environ) if args.data_wait_iterations else dict(os.environ, nnUNet_n_proc_DA="0")
-    for kind in ("plain", "bcp"):
-        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--only", kind], capture_output=True,
-                             text=True, env=env)
-        if out.returncode != 0:
-            raise SystemExit(out.stderr[-3000:])
-        results[kind] = json.loads(out.stdout.strip().splitlines()[-1])
+    runs = {"plain": [], "bcp": []}
+    for repeat in range(args.repeats):
+        # alternating order, so that a slow phase of the machine does not fall on one trainer only
+        for kind in ("plain", "bcp") if repeat % 2 == 0 else ("bcp", "plain"):
+            out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--only", kind], capture_output=True,
+                                 text=True, env=env)
+            if out.returncode != 0:
+                raise SystemExit(out.stderr[-3000:])
+            runs[kind].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    for kind, measured in runs.items():
+        pooled = [s for r in measured for s in r.pop("iteration_seconds")]
+        results[kind] = {**measured[-1], "seconds_per_iteration": float(np.median(pooled)),
+                         "seconds_per_iteration_per_run": [r["seconds_per_iteration"] for r in measured],
+                         "peak_rss_mib": max(r["peak_rss_mib"] for r in measured)}
+        if "peak_cuda_mib" in measured[-1]:
+            results[kind]["peak_cuda_mib"] = max(r["peak_cuda_mib"] for r in measured)
     plain, bcp = results["plain"], results["bcp"]
     summary = {"dataset": args.d, "configuration": args.c, "plans": args.p, "device": args.device,
+               "bcp_settings": settings,
                "batch_size": plain["batch_size"], "patch_size": plain["patch_size"],
                "plain": plain, "bcp": bcp,
                "time_ratio": bcp["seconds_per_iteration"] / plain["seconds_per_iteration"],

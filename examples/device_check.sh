@@ -127,7 +127,7 @@ if [ "$SKIP_COST" = 0 ]; then
     env -u nnUNet_raw nnUNet_preprocessed=$REPO/$DATA/nnUNet_preprocessed nnUNet_results=$work/results \
         timeout "$(limit "$COST_CAP" 150)" $PYTHON examples/benchmark_cost.py -d "$dataset" -c 3d_fullres -p nnUNetPlans \
         --device "$DEVICE" --iterations "$ITERATIONS" --data-wait-iterations "$ITERATIONS" \
-        --filter-shape 128 128 128 -o "$OUT/cost.jsonl" 2>&1 | tee "$OUT/cost.log"
+        --filter-shape 128 128 128 --repeats 1 -o "$OUT/cost.jsonl" 2>&1 | tee "$OUT/cost.log"
     echo "cost benchmark: exit status ${PIPESTATUS[0]}"
 fi
 

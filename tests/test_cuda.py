@@ -1,5 +1,5 @@
 """The CUDA code path of nnUNetTrainerBCP: autocast and the grad scaler, a torch.compile'd student with the EMA teacher,
-pinned-memory streams, nnUNetv2_train/predict with -device cuda. Skipped (with the reason) where CUDA is not available.
+pinned-memory streams, the largest-component filter on the GPU, nnUNetv2_train/predict with -device cuda. Skipped (with the reason) where CUDA is not available.
 
 Where CUDA is (e.g. examples/device_check.sh runs this):
     cd tests && python -m pytest -rs -v test_cuda.py
@@ -122,6 +122,18 @@ def test_compiled_student_with_ema_teacher_survives_checkpoint_and_resume(synthe
     assert _same(_weights(resumed.network), student) and _same(_weights(resumed.teacher), teacher)
     assert np.isfinite(resumed.stage_two_step(*_batches(resumed, 3))["loss"])
     assert not _same(_weights(resumed.teacher), teacher)
+
+
+def test_largest_component_filter_runs_on_the_gpu_and_equals_cc3d():
+    from nnunetv2_bcp.bcp import keep_largest_component
+    noise = torch.nn.functional.avg_pool3d(torch.randn(3, 1, 48, 56, 40, generator=torch.Generator().manual_seed(0)),
+                                           5, stride=1, padding=2)
+    labels = torch.bucketize(noise, torch.tensor([0.1, 0.2])).to(torch.int16)
+    on_gpu = keep_largest_component(labels.cuda())  # CUDA tensors are filtered on the device by default
+    assert on_gpu.is_cuda and on_gpu.dtype == torch.int16
+    assert torch.equal(on_gpu.cpu(), keep_largest_component(labels))
+    regions = noise > 0.1
+    assert torch.equal(keep_largest_component(regions.cuda(), True).cpu(), keep_largest_component(regions, True))
 
 
 def test_streams_pin_memory_on_cuda(synthetic_3d, monkeypatch):

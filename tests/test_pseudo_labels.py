@@ -1,7 +1,11 @@
 import numpy as np
+import pytest
 import torch
 
 from nnunetv2_bcp.bcp import keep_largest_component, pseudo_labels
+
+# the largest-component tests run both implementations: cc3d on the CPU and tensor operations (used on CUDA)
+both_filters = pytest.mark.parametrize("on_device", [False, True], ids=["cc3d", "tensor_ops"])
 
 
 def test_argmax_for_label_maps():
@@ -11,6 +15,16 @@ def test_argmax_for_label_maps():
     labels = pseudo_labels(logits)
     assert labels.shape == (1, 1, 2, 2) and labels.dtype == torch.int16
     assert labels[0, 0].tolist() == [[1, 0], [0, 2]]
+
+
+def test_label_maps_equal_argmax_with_ties_going_to_the_first_class():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 5, 6, 7, generator=generator)
+    logits[:, 2] = logits[:, 1]  # ties everywhere between classes 1 and 2
+    logits[0, :, 0] = 0  # and between all classes on a slice
+    labels = pseudo_labels(logits)
+    assert torch.equal(labels.long(), logits.argmax(dim=1, keepdim=True))
+    assert (labels != 2).all() and (labels[0, 0, 0] == 0).all()
 
 
 def test_binary_task_thresholds_foreground_probability_at_half():
@@ -26,12 +40,13 @@ def test_sigmoid_per_region():
     assert regions[0].tolist() == [[False, True], [True, False]]
 
 
-def test_largest_component_per_class_2d():
+@both_filters
+def test_largest_component_per_class_2d(on_device):
     seg = torch.tensor([[1, 1, 0, 1, 0, 2],
                         [1, 1, 0, 0, 0, 0],
                         [0, 0, 0, 2, 2, 0],
                         [0, 0, 0, 2, 2, 0]], dtype=torch.int16).view(1, 1, 4, 6)
-    out = keep_largest_component(seg)
+    out = keep_largest_component(seg, on_device=on_device)
     expected = torch.tensor([[1, 1, 0, 0, 0, 0],
                              [1, 1, 0, 0, 0, 0],
                              [0, 0, 0, 2, 2, 0],
@@ -39,43 +54,47 @@ def test_largest_component_per_class_2d():
     assert out.dtype == torch.int16 and torch.equal(out[0, 0], expected)
 
 
-def test_diagonal_neighbours_are_connected():
+@both_filters
+def test_diagonal_neighbours_are_connected(on_device):
     seg = torch.zeros(1, 1, 3, 3, 3, dtype=torch.int16)
     seg[0, 0, 0, 0, 0] = seg[0, 0, 1, 1, 1] = seg[0, 0, 2, 2, 2] = 1  # one 26-connected component
     seg[0, 0, 0, 2, 0] = 1  # an isolated voxel... also a corner neighbour of (1,1,1)
-    assert torch.equal(keep_largest_component(seg), seg)
+    assert torch.equal(keep_largest_component(seg, on_device=on_device), seg)
 
 
-def test_per_sample_3d_and_absent_class_stays_absent():
+@both_filters
+def test_per_sample_3d_and_absent_class_stays_absent(on_device):
     seg = torch.zeros(2, 1, 5, 5, 5, dtype=torch.int16)
     seg[0, 0, 0:2, 0:2, 0:2] = 1  # 8 voxels
     seg[0, 0, 4, 4, 4] = 1        # stray voxel
     seg[1, 0, 4, 4, 4] = 2        # sample 1: only one tiny component of class 2, no class 1
-    out = keep_largest_component(seg)
+    out = keep_largest_component(seg, on_device=on_device)
     assert out[0].sum() == 8 and out[0, 0, 4, 4, 4] == 0
     assert out[1, 0, 4, 4, 4] == 2 and (out[1] == 1).sum() == 0
     empty = torch.zeros(1, 1, 4, 4, 4, dtype=torch.int16)
-    assert torch.equal(keep_largest_component(empty), empty)
+    assert torch.equal(keep_largest_component(empty, on_device=on_device), empty)
 
 
-def test_regions_are_filtered_channel_by_channel():
+@both_filters
+def test_regions_are_filtered_channel_by_channel(on_device):
     seg = torch.zeros(1, 2, 6, 6, dtype=torch.bool)
     seg[0, 0, 0:3, 0:3] = True
     seg[0, 0, 5, 5] = True
     seg[0, 1, 0:3, 0:3] = True  # overlapping second region, smaller than its other component
     seg[0, 1, 4:6, 0:6] = True  # 12 voxels > 9
-    out = keep_largest_component(seg, region_based=True)
+    out = keep_largest_component(seg, region_based=True, on_device=on_device)
     assert out.dtype == torch.bool
     assert out[0, 0].sum() == 9 and not out[0, 0, 5, 5]
     assert out[0, 1].sum() == 12 and not out[0, 1, 0, 0]
 
 
-def test_matches_scipy_reference_on_random_volumes():
+@both_filters
+def test_matches_scipy_reference_on_random_volumes(on_device):
     from scipy import ndimage
     rng = np.random.default_rng(0)
     seg = rng.integers(0, 3, size=(2, 1, 12, 12, 12)).astype(np.int16)
     seg[rng.random(seg.shape) < 0.6] = 0
-    out = keep_largest_component(torch.from_numpy(seg)).numpy()
+    out = keep_largest_component(torch.from_numpy(seg), on_device=on_device).numpy()
     for b in range(2):
         expected = np.zeros_like(seg[b, 0])
         for c in (1, 2):
@@ -87,3 +106,34 @@ def test_matches_scipy_reference_on_random_volumes():
         for c in (1, 2):
             assert (out[b, 0] == c).sum() == (expected == c).sum()
         assert np.all((out[b, 0] == 0) | (out[b, 0] == seg[b, 0]))
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 9, 17), (3, 1, 7, 8, 9), (2, 1, 24, 20, 16)])
+def test_tensor_ops_filter_equals_cc3d_ties_included(shape):
+    """Noise with many equally large small components: the same component must win in both implementations."""
+    rng = np.random.default_rng(sum(shape))
+    for num_classes, background in ((2, 0.5), (4, 0.7), (3, 0.2)):
+        seg = rng.integers(0, num_classes, size=shape).astype(np.int16)
+        seg[rng.random(shape) < background] = 0
+        seg = torch.from_numpy(seg)
+        assert torch.equal(keep_largest_component(seg, on_device=True), keep_largest_component(seg, on_device=False))
+        regions = torch.from_numpy(rng.random((shape[0], 3, *shape[2:])) < 1 - background)
+        assert torch.equal(keep_largest_component(regions, True, on_device=True),
+                           keep_largest_component(regions, True, on_device=False))
+
+
+def test_tensor_ops_filter_follows_long_winding_components():
+    """A serpentine through a 3D volume (one component whose ends are hundreds of steps apart) and smooth noise."""
+    seg = torch.zeros(1, 1, 5, 21, 21, dtype=torch.int16)
+    for z in (0, 2, 4):
+        for row in range(0, 21, 2):
+            seg[0, 0, z, row] = 1  # rows joined at alternating ends, planes joined at alternating corners
+            seg[0, 0, z, row + 1 if row < 20 else row, 20 if (row // 2) % 2 == 0 else 0] = 1
+        seg[0, 0, z + 1 if z < 4 else z, 20, 20 if z % 4 == 0 else 0] = 1
+    seg[0, 0, 4, 0, 0] = 2
+    assert torch.equal(keep_largest_component(seg, on_device=True), keep_largest_component(seg, on_device=False))
+    noise = torch.nn.functional.avg_pool3d(torch.randn(2, 1, 32, 32, 32, generator=torch.Generator().manual_seed(0)),
+                                           5, stride=1, padding=2)
+    labels = torch.bucketize(noise, torch.tensor([0.1, 0.2])).to(torch.int16)
+    kept = keep_largest_component(labels, on_device=True)
+    assert torch.equal(kept, keep_largest_component(labels, on_device=False)) and kept.any()

@@ -50,13 +50,13 @@ def test_the_teacher_labels_the_weak_half_and_the_student_sees_the_full_half(tra
     weak = torch.randn_like(full)
     unlabeled = {"data": torch.cat([full, weak], 1), "keys": unlabeled["keys"]}
     seen = {}
-    start_pseudo_labels = trainer.start_pseudo_labels
+    make_pseudo_labels = trainer.make_pseudo_labels
 
     def spy(images):
         seen["teacher"] = images.clone()
-        return start_pseudo_labels(images)
+        return make_pseudo_labels(images)
 
-    trainer.start_pseudo_labels = spy
+    trainer.make_pseudo_labels = spy
     hook = trainer.network.register_forward_pre_hook(lambda module, args: seen.__setitem__("student", args[0].clone()))
     try:
         trainer.stage_two_step(labeled, unlabeled)

@@ -25,10 +25,14 @@ def ema_update_(teacher: nn.Module, student: nn.Module, decay: float) -> None:
     # the encoder), which would apply the update several times to the same tensor
     teacher, student = unwrap_network(teacher), unwrap_network(student)
     student_tensors = {**dict(student.named_parameters()), **dict(student.named_buffers())}
+    averaged, targets = [], []
     for name, t in [*teacher.named_parameters(), *teacher.named_buffers()]:
         s = student_tensors[name].detach()
         t = t.detach()
         if t.is_floating_point():
-            t.lerp_(s.to(t.dtype), 1 - decay)
+            averaged.append(t)
+            targets.append(s.to(t.dtype))
         else:
             t.copy_(s)
+    if averaged:  # one multi-tensor kernel instead of one per tensor (the optimizers' foreach path)
+        torch._foreach_lerp_(averaged, targets, 1 - decay)

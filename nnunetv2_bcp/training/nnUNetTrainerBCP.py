@@ -5,7 +5,7 @@ augmentation, deep supervision, validation, checkpoints, inference) stays nnU-Ne
 unlabeled stream, the EMA teacher, the copy-paste mixing and the α-weighted loss.
 """
 import copy
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -298,39 +298,19 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
         return super().train_step(mixed)
 
     @torch.no_grad()
-    def start_pseudo_labels(self, unlabeled: torch.Tensor) -> Callable[[], torch.Tensor]:
-        """Teacher pseudo-labels in nnU-Net's target layout (regions: plus an empty ignore channel if needed), in two
-        halves: the teacher's forward pass is queued now, the largest-component filter (on the CPU) runs when the
-        returned function is called. On CUDA the labels are copied to the host behind an event, so that the filter
-        can run while the GPU computes the student's forward pass queued in between."""
+    def make_pseudo_labels(self, unlabeled: torch.Tensor) -> torch.Tensor:
+        """Teacher pseudo-labels of a batch of unlabeled patches in nnU-Net's target layout (regions: plus an empty
+        ignore channel if needed); the largest-component filter runs where the labels are (on a GPU: no copy to the
+        host, see :func:`keep_largest_component`)."""
         with self._autocast():
             logits = _as_list(self.teacher(unlabeled))[0]
         regions = self.label_manager.has_regions
         labels = pseudo_labels(logits.float(), region_based=regions)
-        copied = None
-        if self.bcp_largest_component and labels.is_cuda:
-            host = torch.empty(labels.shape, dtype=labels.dtype, pin_memory=True)
-            host.copy_(labels, non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record()
-            labels = host
-
-        @torch.no_grad()
-        def finish() -> torch.Tensor:
-            result = labels
-            if self.bcp_largest_component:
-                if copied is not None:
-                    copied.synchronize()  # the copy only, not the work queued after it
-                result = keep_largest_component(result, region_based=regions).to(self.device, non_blocking=True)
-            if regions and self.label_manager.has_ignore_label:
-                result = torch.cat([result, torch.zeros_like(result[:, :1])], 1)
-            return result
-
-        return finish
-
-    def make_pseudo_labels(self, unlabeled: torch.Tensor) -> torch.Tensor:
-        """Teacher pseudo-labels of a batch of unlabeled patches (see :meth:`start_pseudo_labels`)."""
-        return self.start_pseudo_labels(unlabeled)()
+        if self.bcp_largest_component:
+            labels = keep_largest_component(labels, region_based=regions)
+        if regions and self.label_manager.has_ignore_label:
+            labels = torch.cat([labels, torch.zeros_like(labels[:, :1])], 1)
+        return labels
 
     def stage_two_step(self, batch: dict, unlabeled_batch: dict) -> dict:
         """Teacher pseudo-labels, bidirectional copy-paste, α-weighted loss at every scale, SGD step, EMA."""
@@ -339,9 +319,9 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
         unlabeled = unlabeled_batch['data'].to(self.device, non_blocking=True)
         if self.bcp_teacher_weak_view:  # the teacher labels the weak view, the student learns on the full one
             unlabeled, weak = split_views(unlabeled)
-            finish_pseudo_labels = self.start_pseudo_labels(weak)
+            pseudo = self.make_pseudo_labels(weak)
         else:
-            finish_pseudo_labels = self.start_pseudo_labels(unlabeled)
+            pseudo = self.make_pseudo_labels(unlabeled)
 
         batch_size = labeled.shape[0]
         inward = inward_directions(batch_size, device=self.device)
@@ -354,7 +334,6 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
         with self._autocast():
             # with the supervised term, the un-mixed labeled patches go through the same forward pass
             outputs = _as_list(self.network(torch.cat([mixed, labeled]) if supervised else mixed))
-        pseudo = finish_pseudo_labels()  # on CUDA, while the GPU runs the student's forward pass
         mixed_targets = [mix_by_origin(t, downsample_mask(pseudo, t.shape[2:]), m) for t, m in zip(targets, masks)]
         with self._autocast():
             mixed_outputs = [o[:batch_size] for o in outputs]
