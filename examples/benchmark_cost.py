@@ -2,16 +2,17 @@
 
 Usage (nnUNet_* variables set; the dataset planned, preprocessed, with unlabeled images or a label subset):
     python examples/benchmark_cost.py -d DATASET [-c 3d_fullres] [-p nnUNetPlans] [--iterations 20] [--device cpu]
-        [--data-wait-iterations N] [--filter-shape 128 128 128] [--bcp NAME=VALUE ...]
+        [--repeats 2] [--data-wait-iterations N] [--filter-shape 128 128 128] [--bcp NAME=VALUE ...]
 
 Each trainer runs in its own process (so that peak memory is its own): warm-up iterations, then timed ones; with
 ``--repeats R`` each trainer runs R times in alternating order and the figure is the median over all its timed
-iterations (a 2-core machine's speed drifts by several percent between runs). Prints seconds per iteration, peak
-memory (RSS on CPU, max allocated on CUDA) and the ratios, plus a breakdown of the BCP step (teacher forward, pseudo-label filtering and its share of the step, EMA update) measured on the same
-batch. ``--data-wait-iterations N`` then runs N iterations on the real streams (nnU-Net's augmentation workers,
-``nnUNet_n_proc_DA``) and reports the seconds per iteration spent waiting for batches; ``--filter-shape`` times the
-largest-component filter on a synthetic batch of two label maps of that shape as well. ``--bcp`` sets BCP settings
-(e.g. ``bcp_labeled_loss_weight=1``) on the BCP trainer before it is initialised.
+iterations (a 2-core machine's speed drifts by several percent between runs); peak memory is the largest of the runs,
+the breakdown and data-wait figures are the last run's. Prints seconds per iteration, peak memory (RSS on CPU, max
+allocated on CUDA) and the ratios, plus a breakdown of the BCP step (teacher forward, pseudo-label filtering and its
+share of the step, EMA update) measured on the same batch. ``--data-wait-iterations N`` then runs N iterations on the
+real streams (nnU-Net's augmentation workers, ``nnUNet_n_proc_DA``) and reports the seconds per iteration spent waiting
+for batches; ``--filter-shape`` times the largest-component filter on a synthetic batch of two label maps of that shape
+as well. ``--bcp`` sets BCP settings (e.g. ``bcp_labeled_loss_weight=1``) on the BCP trainer before it is initialised.
 """
 import argparse
 import json
@@ -175,6 +176,8 @@ def main():
     args = parser.parse_args()
     from benchmark_label_scarce import parse_settings
     settings = parse_settings(args.bcp)  # a malformed setting is refused before anything runs
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     if args.only:
         print(json.dumps(measure(args.only, args)))
         return

@@ -1,5 +1,6 @@
 """The CUDA code path of nnUNetTrainerBCP: autocast and the grad scaler, a torch.compile'd student with the EMA teacher,
-pinned-memory streams, the largest-component filter on the GPU, nnUNetv2_train/predict with -device cuda. Skipped (with the reason) where CUDA is not available.
+pinned-memory streams, the largest-component filter on the GPU, nnUNetv2_train/predict with -device cuda. Skipped
+(with the reason) where CUDA is not available.
 
 Where CUDA is (e.g. examples/device_check.sh runs this):
     cd tests && python -m pytest -rs -v test_cuda.py

@@ -137,3 +137,28 @@ def test_tensor_ops_filter_follows_long_winding_components():
     labels = torch.bucketize(noise, torch.tensor([0.1, 0.2])).to(torch.int16)
     kept = keep_largest_component(labels, on_device=True)
     assert torch.equal(kept, keep_largest_component(labels, on_device=False)) and kept.any()
+
+
+def test_ties_go_the_same_way_for_non_contiguous_tensors():
+    """cc3d numbers components in memory order: a transposed layout must not change which tied component wins."""
+    seg = torch.zeros(1, 1, 1, 4, 4, dtype=torch.int16)
+    seg[0, 0, 0, 0, 3] = seg[0, 0, 0, 3, 0] = 1  # two single voxels: (0, 3) comes first in raster order
+    flipped = seg.transpose(3, 4).contiguous().transpose(3, 4)  # same values, other memory order
+    for on_device in (False, True):
+        kept = keep_largest_component(flipped, on_device=on_device)
+        assert kept[0, 0, 0, 0, 3] == 1 and kept[0, 0, 0, 3, 0] == 0
+
+
+def test_component_masks_of_non_bool_maps_empty_batches_float64_and_chunks(monkeypatch):
+    import importlib
+    module = importlib.import_module("nnunetv2_bcp.bcp.pseudo_labels")
+    maps = torch.tensor([[[2., 0, 0], [0, 0, 0], [0, 5, 1]]])  # any non-zero value is foreground
+    assert module.largest_component_masks(maps).tolist() == [[[False, False, False], [False, False, False],
+                                                               [False, True, True]]]
+    assert module.largest_component_masks(torch.zeros(0, 4, 4, dtype=torch.bool)).shape == (0, 4, 4)
+    assert keep_largest_component(torch.zeros(2, 0, 4, 4, dtype=torch.bool), True, on_device=True).shape == (2, 0, 4, 4)
+    seg = torch.from_numpy(np.random.default_rng(3).integers(0, 3, size=(3, 1, 6, 7, 8)).astype(np.int16))
+    expected = keep_largest_component(seg, on_device=False)
+    monkeypatch.setattr(module, "FLOAT32_EXACT_VOXELS", 10)  # numbers in float64
+    monkeypatch.setattr(module, "CHUNK_VOXELS", 6 * 7 * 8 * 2)  # six maps (3 samples x 2 classes) in chunks of two
+    assert torch.equal(keep_largest_component(seg, on_device=True), expected)

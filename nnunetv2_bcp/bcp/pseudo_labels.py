@@ -17,7 +17,7 @@ def pseudo_labels(logits: torch.Tensor, region_based: bool = False) -> torch.Ten
     if region_based:
         return logits > 0
     # max(dim).indices is argmax with the same rule for ties (the first maximum), and several times faster than
-    # argmax over the channel axis on the CPU (docs/benchmarks.md, "What a BCP iteration costs")
+    # argmax over the channel axis on the CPU (docs/benchmarks.md, "Cost of a stage-2 step on this CPU")
     return logits.max(dim=1, keepdim=True).indices.to(torch.int16)
 
 
@@ -37,60 +37,84 @@ def _largest_component_per_label(labels: np.ndarray) -> np.ndarray:
     return np.where(keep[components], labels, np.zeros_like(labels))
 
 
-def largest_component_masks(foreground: torch.Tensor) -> torch.Tensor:
-    """Bool (N, *spatial): the largest full-connectivity component of each of the N 2D or 3D ``foreground`` maps,
-    computed with tensor operations on the maps' device (a GPU needs no copy to the host).
+# max-pooling takes floating point only; float32 holds every voxel number exactly up to 2**24
+FLOAT32_EXACT_VOXELS = 2 ** 24
+# maps filtered at once on the device: bounds the working memory (about 60 bytes per voxel of a chunk)
+CHUNK_VOXELS = 2 ** 24
 
-    Every foreground voxel starts with its own number (flat index + 1); each round a voxel sees the largest number
-    among its neighbours (a 3^D max-pool), hands it to the voxel its own number names (the root of its tree, in the same
-    component), takes it itself, then follows the chain of names twice (pointer jumping). Numbers only grow and stay
-    within their component, so when a round changes nothing each component holds its largest number everywhere; on
-    128^3 noise this took 8 rounds. Ties between equally large components go to the one whose first voxel comes first
-    in raster order, as with cc3d's numbering.
-    """
-    n, spatial = foreground.shape[0], foreground.shape[1:]
-    if len(spatial) not in (2, 3):
-        raise ValueError(f"expected 2D or 3D maps (N, *spatial), got shape {tuple(foreground.shape)}")
-    voxels = foreground[0].numel()
-    # max-pooling takes floating point only: float32 numbers voxels exactly up to 2**24
-    dtype = torch.float32 if voxels < 2 ** 24 else torch.float64
-    fg = foreground.reshape(n, voxels).to(dtype)
+
+def _label_components(fg: torch.Tensor, spatial: tuple) -> torch.Tensor:
+    """Float (N, V) of 0/1 foreground -> long (N, V): per foreground voxel the flat index of the largest voxel of its
+    component, -1 on the background."""
+    n, voxels = fg.shape
     pool = F.max_pool3d if len(spatial) == 3 else F.max_pool2d
-    ids = torch.arange(1, voxels + 1, device=foreground.device, dtype=dtype).view(1, voxels) * fg
-    while True:  # ends: numbers only grow, and are bounded
+    own = torch.arange(voxels, device=fg.device)
+    ids = (own + 1).to(fg.dtype).view(1, voxels) * fg  # 1 + flat index on the foreground, 0 on the background
+    foreground = fg.bool()
+
+    def named(numbers):  # the voxel a number names; the background names itself (no pile-up of atomics on one slot)
+        return torch.where(foreground, numbers.long() - 1, own)
+
+    while True:  # ends: numbers only grow (ids[w] >= w + 1 on the foreground) and are bounded by the voxel count
         before = ids
         for _ in range(2):  # rounds between checks: a check reads a flag back from the device
             largest_neighbour = pool(ids.view(n, 1, *spatial), 3, stride=1, padding=1).view(n, voxels) * fg
-            ids = ids.scatter_reduce(1, (ids.long() - 1).clamp_min(0), largest_neighbour, reduce="amax")
+            ids = ids.scatter_reduce(1, named(ids), largest_neighbour, reduce="amax")
             ids = torch.maximum(ids, largest_neighbour)
             for _ in range(2):
-                ids = ids.gather(1, (ids.long() - 1).clamp_min(0)) * fg
+                ids = ids.gather(1, named(ids)) * fg
         if torch.equal(ids, before):
-            break
-    numbers = ids.long()  # 0 on the background, else the component's number
-    keyed = (numbers + torch.arange(n, device=numbers.device).view(n, 1) * (voxels + 1)).view(-1)
-    sizes = torch.bincount(keyed, minlength=n * (voxels + 1)).view(n, voxels + 1)
-    first = torch.full((n * (voxels + 1),), voxels, dtype=torch.long, device=numbers.device)
-    first.scatter_reduce_(0, keyed, torch.arange(voxels, device=numbers.device).repeat(n), reduce="amin")
-    score = sizes * (voxels + 1) + (voxels - first.view(n, voxels + 1))  # size first, then the earliest first voxel
-    score[:, 0] = -1  # never the background
-    largest = score.argmax(dim=1, keepdim=True)
-    return ((numbers == largest) & foreground.reshape(n, voxels).bool()).view(n, *spatial)
+            return torch.where(foreground, ids.long() - 1, -1)
+
+
+def largest_component_masks(foreground: torch.Tensor) -> torch.Tensor:
+    """Bool (N, *spatial): the largest full-connectivity component of each of the N 2D or 3D ``foreground`` maps
+    (non-zero = foreground), computed with tensor operations on the maps' device (a GPU needs no copy to the host).
+
+    Every foreground voxel starts with its own number (flat index + 1); each round a voxel sees the largest number
+    among its neighbours (a 3^D max-pool), hands it to the voxel its own number names (which lies in the same
+    component), takes it itself, then replaces its number twice by the number of the voxel it names (pointer jumping).
+    Numbers only grow and stay within their component, so when a round changes nothing each component holds its
+    largest number everywhere; on 128^3 noise this took 8 rounds. Ties between equally large components go to the one
+    whose first voxel comes first in raster order, as with cc3d's numbering of a C-contiguous array.
+    """
+    n, spatial = foreground.shape[0], tuple(foreground.shape[1:])
+    if len(spatial) not in (2, 3):
+        raise ValueError(f"expected 2D or 3D maps (N, *spatial), got shape {tuple(foreground.shape)}")
+    voxels = int(np.prod(spatial))
+    if n == 0 or voxels == 0:
+        return torch.zeros(foreground.shape, dtype=torch.bool, device=foreground.device)
+    dtype = torch.float32 if voxels <= FLOAT32_EXACT_VOXELS else torch.float64
+    flat = (foreground != 0).reshape(n, voxels)
+    kept = []
+    for chunk in torch.split(flat, max(1, CHUNK_VOXELS // voxels)):
+        roots = _label_components(chunk.to(dtype), spatial)
+        slot = torch.where(chunk, roots, torch.arange(voxels, device=chunk.device))  # background: its own slot
+        sizes = torch.zeros(chunk.shape, dtype=torch.int32, device=chunk.device).scatter_add_(1, slot,
+                                                                                                chunk.to(torch.int32))
+        index = torch.arange(voxels, dtype=torch.int32, device=chunk.device).expand_as(slot)
+        first = torch.full(chunk.shape, voxels, dtype=torch.int32, device=chunk.device).scatter_reduce_(
+            1, slot, torch.where(chunk, index, voxels), reduce="amin")
+        # per component (at its root's slot): size first, then the earliest first voxel
+        score = sizes.long() * (voxels + 1) + (voxels - first.long())
+        largest = score.argmax(dim=1, keepdim=True)
+        kept.append((roots == largest) & chunk)
+    return torch.cat(kept).view(n, *spatial)
 
 
 def _keep_largest_component_on_device(segmentation: torch.Tensor, region_based: bool) -> torch.Tensor:
     if region_based:
         b, c = segmentation.shape[:2]
-        kept = largest_component_masks(segmentation.bool().reshape(b * c, *segmentation.shape[2:]))
+        kept = largest_component_masks(segmentation.reshape(b * c, *segmentation.shape[2:]))
         return kept.view(segmentation.shape).to(segmentation.dtype)
     labels = segmentation[:, 0]
     values = [v for v in torch.unique(labels).tolist() if v != 0]
-    out = torch.zeros_like(segmentation)
-    if values:  # all classes of all samples in one pass
-        kept = largest_component_masks(torch.cat([labels == v for v in values]))
-        for i, value in enumerate(values):
-            out[:, 0][kept[i * labels.shape[0]:(i + 1) * labels.shape[0]]] = value
-    return out
+    if not values:
+        return torch.zeros_like(segmentation)
+    kept = largest_component_masks(torch.cat([labels == v for v in values]))  # all classes of all samples at once
+    values = torch.tensor(values, device=labels.device).view(len(values), *[1] * labels.ndim)
+    kept = kept.view(len(values), *labels.shape) * values
+    return kept.sum(0).unsqueeze(1).to(segmentation.dtype)  # classes do not overlap
 
 
 def keep_largest_component(segmentation: torch.Tensor, region_based: bool = False,
@@ -106,7 +130,8 @@ def keep_largest_component(segmentation: torch.Tensor, region_based: bool = Fals
         on_device = segmentation.is_cuda
     if on_device:
         return _keep_largest_component_on_device(segmentation, region_based)
-    array = segmentation.detach().cpu().numpy()
+    # cc3d numbers components in memory order: a C-contiguous array makes ties go as on the device
+    array = np.ascontiguousarray(segmentation.detach().cpu().numpy())
     if region_based:
         array = array.astype(np.uint8)
     out = np.empty_like(array)
