@@ -71,7 +71,8 @@ class BCPLoss(nn.Module):
                 inward: torch.Tensor) -> torch.Tensor:
         """``logits`` (B, C, ...); ``target`` in nnU-Net's layout (label map (B, 1, ...) or regions
         (B, R[+1 ignore], ...)); ``from_labeled`` bool (B, 1, ...): the voxel came from the labeled image;
-        ``inward`` bool (B,): the sample is ``X^in``. Returns ``stack([L_labeled, L_unlabeled])``."""
+        ``inward`` bool (B,): the sample is ``X^in`` (best on the CPU, see below). Returns
+        ``stack([L_labeled, L_unlabeled])``."""
         ce_map, dice_target, valid = self._ce_map(logits, target)
         nonlinearity = self.dice_loss.apply_nonlin
         probabilities = nonlinearity(logits) if nonlinearity is not None else logits
@@ -80,17 +81,20 @@ class BCPLoss(nn.Module):
                 dice_target = dice_target.to(probabilities.dtype)
             else:
                 dice_target = torch.zeros_like(probabilities).scatter_(1, dice_target.long(), 1)
-        inward = inward.to(logits.device)
+        # which samples go which way is decided on the host: a GPU tensor would be read back (a synchronisation)
+        # for every direction at every scale; pass ``inward`` on the CPU to avoid any
+        inward_on_host = inward.cpu()
+        inward = inward.to(logits.device, non_blocking=True)
         batch_size = logits.shape[0]
         terms = []
         for origin in (from_labeled, ~from_labeled):
             term = 0
-            for direction in (inward, ~inward):
+            for direction, on_host in ((inward, inward_on_host), (~inward, ~inward_on_host)):
                 in_direction = direction.view(-1, *([1] * (logits.ndim - 1)))
                 region = valid & origin & in_direction
                 num_voxels = region.sum()
                 ce = (ce_map * region).sum() / num_voxels.clamp_min(1)
-                dice = self._direction_dice(probabilities, dice_target, region.to(probabilities.dtype), direction)
+                dice = self._direction_dice(probabilities, dice_target, region.to(probabilities.dtype), on_host)
                 share = direction.sum() / batch_size * (num_voxels > 0)
                 term = term + share * (self.weight_ce * ce + self.weight_dice * dice)
             terms.append(term)
@@ -116,16 +120,18 @@ class BCPLoss(nn.Module):
         return ce_map, target, valid
 
     def _direction_dice(self, probabilities: torch.Tensor, dice_target: torch.Tensor, region: torch.Tensor,
-                        direction: torch.Tensor) -> torch.Tensor:
+                        direction_on_host: torch.Tensor) -> torch.Tensor:
         dice = self.dice_on_probabilities
         if dice.batch_dice:
             # the whole batch, the other direction's samples masked out (they add zero to the batch sums): with
             # ddp the module all-gathers, which needs the same calls and shapes on every rank
             return dice(probabilities, dice_target, loss_mask=region)
         # per-sample Dice (no collective): its mean over samples must see this direction's samples only
-        if not direction.any():
+        if not direction_on_host.any():
             return probabilities.new_zeros(())
-        return dice(probabilities[direction], dice_target[direction], loss_mask=region[direction])
+        samples = direction_on_host.nonzero().flatten().to(probabilities.device, non_blocking=True)
+        return dice(probabilities.index_select(0, samples), dice_target.index_select(0, samples),
+                    loss_mask=region.index_select(0, samples))
 
     @classmethod
     def like_nnunet_loss(cls, nnunet_loss: nn.Module) -> nn.Module:

@@ -324,8 +324,8 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
             pseudo = self.make_pseudo_labels(unlabeled)
 
         batch_size = labeled.shape[0]
-        inward = inward_directions(batch_size, device=self.device)
-        from_labeled = labeled_origin(self._random_mask(batch_size), inward)
+        inward = inward_directions(batch_size)  # on the CPU: the loss decides per direction without a device sync
+        from_labeled = labeled_origin(self._random_mask(batch_size), inward.to(self.device, non_blocking=True))
         masks = [downsample_mask(from_labeled, t.shape[2:]) for t in targets]
         mixed = mix_by_origin(labeled, unlabeled, from_labeled)
         supervised = self.bcp_labeled_loss_weight > 0
