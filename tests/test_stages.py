@@ -105,3 +105,13 @@ def test_supervised_term_adds_nnunets_loss_on_the_unmixed_labeled_patches(traine
     assert np.isclose(with_term["bcp"]["bcp_loss_labeled"], without["bcp"]["bcp_loss_labeled"], rtol=1e-4)
     assert np.isclose(with_term["loss"] - without["loss"], 0.5 * expected, rtol=1e-3, atol=1e-5)
     assert trainer.bcp_settings()["bcp_labeled_loss_weight"] == 0.5
+
+
+def test_the_supervised_term_variant_is_found_by_name_through_the_trainer_folder(synthetic_3d, monkeypatch):
+    """``nnUNetv2_train … -tr nnUNetTrainerBCP_labeledLoss`` finds it as nnU-Net finds any trainer."""
+    import nnunetv2_bcp
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    monkeypatch.setenv("nnUNet_extTrainer", nnunetv2_bcp.ext_trainer_dir())
+    found = recursive_find_trainer_class_by_name("nnUNetTrainerBCP_labeledLoss")
+    variant = _new(found, synthetic_3d)
+    assert variant.bcp_labeled_loss_weight == 1.0 and variant.bcp_settings()["bcp_labeled_loss_weight"] == 1.0
