@@ -45,7 +45,7 @@ CHUNK_VOXELS = 2 ** 24
 
 def _label_components(fg: torch.Tensor, spatial: tuple) -> torch.Tensor:
     """Float (N, V) of 0/1 foreground -> long (N, V): per foreground voxel the flat index of the largest voxel of its
-    component, -1 on the background."""
+    component (its root); a background voxel gets its own index (a slot no foreground voxel's root uses)."""
     n, voxels = fg.shape
     pool = F.max_pool3d if len(spatial) == 3 else F.max_pool2d
     own = torch.arange(voxels, device=fg.device)
@@ -64,7 +64,7 @@ def _label_components(fg: torch.Tensor, spatial: tuple) -> torch.Tensor:
             for _ in range(2):
                 ids = ids.gather(1, named(ids)) * fg
         if torch.equal(ids, before):
-            return torch.where(foreground, ids.long() - 1, -1)
+            return named(ids)
 
 
 def largest_component_masks(foreground: torch.Tensor) -> torch.Tensor:
@@ -88,13 +88,12 @@ def largest_component_masks(foreground: torch.Tensor) -> torch.Tensor:
     flat = (foreground != 0).reshape(n, voxels)
     kept = []
     for chunk in torch.split(flat, max(1, CHUNK_VOXELS // voxels)):
-        roots = _label_components(chunk.to(dtype), spatial)
-        slot = torch.where(chunk, roots, torch.arange(voxels, device=chunk.device))  # background: its own slot
-        sizes = torch.zeros(chunk.shape, dtype=torch.int32, device=chunk.device).scatter_add_(1, slot,
+        roots = _label_components(chunk.to(dtype), spatial)  # background: its own index, adding nothing below
+        sizes = torch.zeros(chunk.shape, dtype=torch.int32, device=chunk.device).scatter_add_(1, roots,
                                                                                                 chunk.to(torch.int32))
-        index = torch.arange(voxels, dtype=torch.int32, device=chunk.device).expand_as(slot)
+        index = torch.arange(voxels, dtype=torch.int32, device=chunk.device).expand_as(roots)
         first = torch.full(chunk.shape, voxels, dtype=torch.int32, device=chunk.device).scatter_reduce_(
-            1, slot, torch.where(chunk, index, voxels), reduce="amin")
+            1, roots, torch.where(chunk, index, voxels), reduce="amin")
         # per component (at its root's slot): size first, then the earliest first voxel
         score = sizes.long() * (voxels + 1) + (voxels - first.long())
         largest = score.argmax(dim=1, keepdim=True)
