@@ -78,6 +78,32 @@ def test_a_failed_write_keeps_the_previous_checkpoint_and_resume_uses_it(trainer
     assert not torch.equal(resumed.teacher.state_dict()[FIRST_CONV], trainer.teacher.state_dict()[FIRST_CONV])
 
 
+def test_a_resumed_run_keeps_the_stage_two_settings_it_started_with(trainer, tmp_path):
+    """--c after the plugin's defaults changed (here: the supervised term, off when the run began) continues as the
+    run began and says so; a checkpoint from before a setting existed continues with the value it had then."""
+    from nnunetv2_bcp import nnUNetTrainerBCP
+    trainer.bcp_labeled_loss_weight, trainer.bcp_alpha = 0.0, 0.3
+    path = str(tmp_path / "checkpoint_latest.pth")
+    trainer.save_checkpoint(path)
+    resumed = nnUNetTrainerBCP(_plans(trainer), "3d_fullres", 0, trainer.dataset_json, torch.device("cpu"))
+    assert (resumed.bcp_labeled_loss_weight, resumed.bcp_alpha) == (1.0, 0.5)  # today's defaults
+    resumed.load_checkpoint(path)
+    assert (resumed.bcp_labeled_loss_weight, resumed.bcp_alpha) == (0.0, 0.3)
+    assert resumed.bcp_settings()["bcp_labeled_loss_weight"] == 0.0
+    log = open(resumed.log_file).read()
+    assert "continuing with the settings this run started with" in log
+    assert "bcp_labeled_loss_weight = 0.0 (this trainer's: 1.0)" in log and "bcp_alpha = 0.3" in log
+
+    older = torch.load(path, weights_only=False)
+    del older["bcp"]["settings"]["bcp_labeled_loss_weight"]  # written before the supervised term existed
+    older["bcp"]["settings"]["bcp_alpha"] = 0.5
+    older_path = str(tmp_path / "older.pth")
+    torch.save(older, older_path)
+    again = nnUNetTrainerBCP(_plans(trainer), "3d_fullres", 0, trainer.dataset_json, torch.device("cpu"))
+    again.load_checkpoint(older_path)
+    assert (again.bcp_labeled_loss_weight, again.bcp_alpha) == (0.0, 0.5)
+
+
 def test_stale_temporaries_of_a_killed_write_are_removed(tmp_path):
     (tmp_path / "checkpoint_latest.pth.tmp").write_bytes(b"partial")
     (tmp_path / "checkpoint_best.pth").write_bytes(b"kept")

@@ -92,6 +92,7 @@ def test_supervised_term_adds_nnunets_loss_on_the_unmixed_labeled_patches(traine
     labeled, unlabeled = _batches(trainer, 3)
     state = copy.deepcopy((trainer.network.state_dict(), trainer.optimizer.state_dict(),
                            trainer.teacher.state_dict()))
+    trainer.bcp_labeled_loss_weight = 0.0  # the paper's loss alone
     torch.manual_seed(0)
     without = trainer.stage_two_step(labeled, unlabeled)
     trainer.network.load_state_dict(state[0])
@@ -107,11 +108,15 @@ def test_supervised_term_adds_nnunets_loss_on_the_unmixed_labeled_patches(traine
     assert trainer.bcp_settings()["bcp_labeled_loss_weight"] == 0.5
 
 
-def test_the_supervised_term_variant_is_found_by_name_through_the_trainer_folder(synthetic_3d, monkeypatch):
-    """``nnUNetv2_train … -tr nnUNetTrainerBCP_labeledLoss`` finds it as nnU-Net finds any trainer."""
+@pytest.mark.parametrize("name, weight", [("nnUNetTrainerBCP_referenceLoss", 0.0),
+                                          ("nnUNetTrainerBCP_labeledLoss", 1.0), ("nnUNetTrainerBCP", 1.0)])
+def test_the_supervised_term_variants_are_found_by_name_through_the_trainer_folder(synthetic_3d, monkeypatch, name,
+                                                                                   weight):
+    """``nnUNetv2_train … -tr nnUNetTrainerBCP_referenceLoss`` (the paper's loss alone) finds it as nnU-Net finds any
+    trainer; the supervised term is on by default."""
     import nnunetv2_bcp
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
     monkeypatch.setenv("nnUNet_extTrainer", nnunetv2_bcp.ext_trainer_dir())
-    found = recursive_find_trainer_class_by_name("nnUNetTrainerBCP_labeledLoss")
+    found = recursive_find_trainer_class_by_name(name)
     variant = _new(found, synthetic_3d)
-    assert variant.bcp_labeled_loss_weight == 1.0 and variant.bcp_settings()["bcp_labeled_loss_weight"] == 1.0
+    assert variant.bcp_labeled_loss_weight == weight and variant.bcp_settings()["bcp_labeled_loss_weight"] == weight

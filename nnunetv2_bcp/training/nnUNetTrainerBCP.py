@@ -40,6 +40,13 @@ PRETRAIN_MIN_DICE = 0.1
 MAX_PRETRAIN_FRACTION = 0.5
 
 
+# The stage-2 settings that a resumed run (--c) keeps from its checkpoint, so that it ends as it began when the
+# plugin's defaults change between the start and the resume; the value a setting had before it existed, for
+# checkpoints written before then (None: it always existed).
+KEPT_ON_RESUME = {"bcp_alpha": None, "bcp_labeled_loss_weight": 0.0, "bcp_teacher_weak_view": False,
+                  "bcp_ema_decay": None, "bcp_mask_ratio": None, "bcp_largest_component": None}
+
+
 def default_pretrain_epochs(num_epochs: int) -> int:
     return int(round(PRETRAIN_FRACTION * num_epochs))
 
@@ -51,7 +58,7 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
     ``bcp_max_pretrain_epochs`` (stage 1 goes on, up to the latter, while the student's Dice of a class on its
     labeled training patches is below the former; 0 turns this off), ``bcp_alpha`` (weight of unlabeled-origin
     voxels, 0.5), ``bcp_labeled_loss_weight`` (nnU-Net's loss on the un-mixed labeled patches beside the BCP loss,
-    0 = off), ``bcp_teacher_weak_view`` (the teacher labels a view without intensity augmentation),
+    1; 0 = the paper's loss alone), ``bcp_teacher_weak_view`` (the teacher labels a view without intensity augmentation),
     ``bcp_ema_decay`` (λ, 0.99), ``bcp_mask_ratio`` (β, 2/3), ``bcp_largest_component`` (filter pseudo-labels),
     plus nnU-Net's ``num_epochs``, ``num_iterations_per_epoch``, ``num_val_iterations_per_epoch``.
     """
@@ -64,7 +71,8 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
         self.bcp_pretrain_min_dice = PRETRAIN_MIN_DICE
         self.bcp_max_pretrain_epochs = None
         self.bcp_alpha = 0.5
-        self.bcp_labeled_loss_weight = 0.0
+        # not in the paper: chosen on the label-scarce benchmark's validation cases (docs/benchmarks.md)
+        self.bcp_labeled_loss_weight = 1.0
         self.bcp_teacher_weak_view = False
         self.bcp_ema_decay = 0.99
         self.bcp_mask_ratio = 2 / 3
@@ -478,6 +486,21 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
         self.bcp_teacher_initialized = bcp['teacher_initialized']
         self.bcp_iteration = bcp['iteration']
         self.bcp_student_train_dice = bcp.get('student_train_dice')
+        if 'settings' in bcp:
+            self.keep_settings_of_the_checkpoint(bcp['settings'], path if isinstance(path, str) else "the checkpoint")
+
+    def keep_settings_of_the_checkpoint(self, saved: dict, source: str) -> None:
+        """Continue with the stage-2 settings the run was started with where this trainer's differ (say which)."""
+        kept = []
+        for name, before_it_existed in KEPT_ON_RESUME.items():
+            theirs = saved.get(name, before_it_existed)
+            ours = getattr(self, name)
+            if theirs is not None and theirs != ours:
+                setattr(self, name, theirs)
+                kept.append(f"{name} = {theirs!r} (this trainer's: {ours!r})")
+        if kept:
+            self.print_to_log_file(f"BCP: continuing with the settings this run started with ({source}): "
+                                   f"{'; '.join(kept)}. To train with the new settings, start a new training.")
 
 
 def _plain(label_or_region):

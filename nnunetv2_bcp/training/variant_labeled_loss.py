@@ -1,13 +1,25 @@
-"""BCP with nnU-Net's loss on the un-mixed labeled patches beside the BCP loss in stage 2 (``bcp_labeled_loss_weight =
-1``): the best-measured option of the label-scarce benchmark so far (README, "Does it help?"), not yet the default.
-It sends the labeled patches through the student's forward and backward pass a second time, un-mixed: about 2.7× the
-time of a plain nnU-Net step on a CPU (docs/benchmarks.md)."""
+"""Variants of the supervised term: nnU-Net's loss on the un-mixed labeled patches beside the BCP loss in stage 2
+(``bcp_labeled_loss_weight``, 1 by default since it was chosen on the label-scarce benchmark; docs/benchmarks.md)."""
 import torch
 
 from nnunetv2_bcp.training.nnUNetTrainerBCP import nnUNetTrainerBCP
 
 
+class nnUNetTrainerBCP_referenceLoss(nnUNetTrainerBCP):
+    """The paper's stage-2 loss alone, as the reference implementation computes it (no supervised term): the student
+    trains on the mixed patches only, a cheaper step (the labeled patches do not go through the student a second
+    time)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.bcp_labeled_loss_weight = 0.0
+
+
 class nnUNetTrainerBCP_labeledLoss(nnUNetTrainerBCP):
+    """The supervised term with weight 1, as the default now has it; kept so that models trained under this name
+    (before it became the default) still predict and resume with ``-tr nnUNetTrainerBCP_labeledLoss``."""
+
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
