@@ -5,8 +5,11 @@ all-labeled ceiling, with the same configuration, batch size and iteration budge
     # (--reader NibabelIO where SimpleITK is missing)
     python examples/benchmark_label_scarce.py prepare --msd ../shared/data/Task04_Hippocampus -w bench
     # the protocol: per label-subset seed, the labeled-only model L (trained if missing), then from L for N more
-    # iterations (a) labeled-only continued and (b) BCP stage 2 continued; each result is appended as it lands
+    # iterations (a) labeled-only continued and (b) BCP stage 2 continued (as in the paper, plus the changes --bcp
+    # names); each result is appended as it lands
     python examples/benchmark_label_scarce.py protocol -w bench --seeds 0 1 2 -k 2 --iterations 1000 --jobs 1
+    # (b) as the plugin trains by default (the supervised term on)
+    python examples/benchmark_label_scarce.py protocol -w bench --seeds 0 1 2 -k 2 --bcp bcp_labeled_loss_weight=1
     python examples/benchmark_label_scarce.py protocol -w bench --seeds 0 1 2 -k 2 --bcp bcp_alpha=0.3  # a candidate
     # (a), (b), then candidates in order of priority, 9 runs at once, none started after 300 s; --dry-run lists them
     python examples/benchmark_label_scarce.py protocol -w bench --jobs 9 --no-start-after 300 \
@@ -30,7 +33,10 @@ Arms: ``labeled`` = nnUNetTrainerLabelSubset (plain nnU-Net on the K cases of th
 ``ceiling`` = nnUNetTrainer on every pool case; ``labeled_continue`` and ``bcp_continue`` start from all weights of
 a kept model (``--from``, default the seed's ``labeled_k<K>_s<S>``, trained first if missing) through
 ``nnUNetv2_bcp_start_from_model`` and train ``--iterations`` more (nnU-Net's poly learning rate restarted; BCP in
-stage 2 from the first epoch, teacher = the model). All: ``3d_fullres``, plans ``nnUNetPlans_bs2`` (nnU-Net's plans
+stage 2 from the first epoch, teacher = the model). BCP arms train the paper's configuration (``PAPER`` below: the
+reference's loss alone) changed only by their ``--bcp`` settings, which the run name carries, so that a run's name
+and row keep their meaning when the plugin's defaults change; the plugin's default since session 7 is
+``--bcp bcp_labeled_loss_weight=1``. All: ``3d_fullres``, plans ``nnUNetPlans_bs2`` (nnU-Net's plans
 with batch size 2), 25 iterations per epoch, fold 0 of a split whose validation cases (10) are never trained on, test
 cases never used in training. Dice by nnU-Net's evaluation of nnUNetv2_predict's output on the test split
 (``--test-images/--test-labels`` to use another labeled folder); rows keep the Dice of every test case, and the
@@ -84,6 +90,12 @@ def _schedule(t):
     t.num_val_iterations_per_epoch = 5
 
 
+# The paper's stage 2 (BCP.md): each BCP run names what it changes from it (--bcp), so that a row keeps its meaning
+# when the plugin's defaults change (the supervised term became one after the first rows were written).
+PAPER = {"bcp_alpha": 0.5, "bcp_labeled_loss_weight": 0.0, "bcp_teacher_weak_view": False, "bcp_ema_decay": 0.99,
+         "bcp_mask_ratio": 2 / 3, "bcp_largest_component": True}
+
+
 def _settings(t):
     """The benchmark's --bcp NAME=VALUE settings: trainer attributes, set after the trainer's own defaults."""
     for name, value in json.loads(os.environ.get("BENCH_SETTINGS", "{}")).items():
@@ -105,6 +117,8 @@ class BenchBCP(nnUNetTrainerBCP):
         _schedule(self)
         # continued from a trained model: no stage 1
         self.bcp_pretrain_epochs = 0 if os.environ.get("BENCH_CONTINUE") else default_pretrain_epochs(self.num_epochs)
+        for name, value in PAPER.items():
+            setattr(self, name, value)
         _settings(self)
 
 
@@ -549,7 +563,7 @@ def comparison_table(group: dict) -> str:
     settings = " ".join(f"--bcp {n}={json.dumps(v)}" for n, v in sorted(group["settings"].items()))
     seeds = list(group["seeds"])
     test = "the benchmark's test split" if group["test_set"] == "split" else f"`{group['test_set']}`"
-    lines = [f"**K = {group['k']}, BCP {'settings `' + settings + '`' if settings else 'defaults'}**: L "
+    lines = [f"**K = {group['k']}, BCP {'settings `' + settings + '`' if settings else 'as in the paper'}**: L "
              f"{group['from_iterations']} iterations, then {group['iterations']} more; scored on {test}. Reproduce: "
              f"`python examples/benchmark_label_scarce.py protocol -w bench --seeds {' '.join(map(str, seeds))} "
              f"-k {group['k']} --iterations {group['iterations']}"
@@ -584,7 +598,7 @@ def candidates_table(groups: list) -> str:
              "Dice, mean | per case, all seeds: mean (b) − (a) [95% bootstrap CI] | (b) better in |",
              "|---|---|---|---|---|---|---|---|"]
     for g in groups:
-        settings = " ".join(f"`{n}={json.dumps(v)}`" for n, v in sorted(g["settings"].items())) or "defaults"
+        settings = " ".join(f"`{n}={json.dumps(v)}`" for n, v in sorted(g["settings"].items())) or "as in the paper"
         if g["test_set"] != "split":
             settings += f" (runs scored on `{g['test_set']}`)"
         diffs, b_values, a_cases, b_cases = {}, [], {}, {}

@@ -172,7 +172,7 @@ def test_benchmark_table_and_figure_from_results(tmp_path):
     assert "labeled_k2_s1" in text and "Earlier, from scratch" in text and "stage 1: 8 epochs (fixed)" in text
     # candidates are compared on validation (a table before the test split's, without its figures)
     choose, paired = text.split("### Choosing between candidates")[1].split("### Paired comparison on the test split")
-    assert "| 2 | defaults | 1000 + 1000 = 2000 | 0: +0.0300, 1: +0.0100 | +0.0200 (2 of 2 seeds) | 0.7100 | " \
+    assert "| 2 | as in the paper | 1000 + 1000 = 2000 | 0: +0.0300, 1: +0.0100 | +0.0200 (2 of 2 seeds) | 0.7100 | " \
            "+0.0200 [+0.01" in choose and "] | 8 of 8 |" in choose  # per case: 4 validation cases x 2 seeds
     assert "| 2 | `bcp_alpha=0.3` | 1000 + 1000 = 2000 | 0: – | – | – | – | – |" in choose  # a row without them
     assert "0.8300" not in choose and "| 0 | 0.8000 | 0.8300 |" in paired
@@ -398,3 +398,31 @@ def test_benchmark_trainers_take_settings_from_the_environment(monkeypatch):
     monkeypatch.setenv("BENCH_SETTINGS", json.dumps({"bcp_alpah": 0.3}))  # a typo must not pass silently
     with pytest.raises(AttributeError, match="bcp_alpah"):
         trainers["_settings"](trainer)
+
+
+def test_benchmark_bcp_runs_train_the_papers_configuration_changed_by_their_settings(monkeypatch):
+    """A BCP run without --bcp trains the paper's stage 2 whatever the plugin's defaults are (rows keep their meaning
+    when a default changes); --bcp changes it."""
+    bench = _load("benchmark_label_scarce")
+    trainers = {}
+    exec(compile(bench.TRAINERS, "bcp_benchmark_trainers.py", "exec"), trainers)
+    plugin_defaults = {"bcp_alpha": 0.5, "bcp_labeled_loss_weight": 1.0, "bcp_teacher_weak_view": True,
+                       "bcp_ema_decay": 0.9, "bcp_mask_ratio": 0.5, "bcp_largest_component": False}
+
+    def plugin_init(self, *args, **kwargs):  # stands in for nnUNetTrainerBCP's own __init__ and defaults
+        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 1000, 250, 50
+        self.bcp_pretrain_epochs = None
+        for name, value in plugin_defaults.items():
+            setattr(self, name, value)
+
+    monkeypatch.setattr(trainers["nnUNetTrainerBCP"], "__init__", plugin_init)
+    monkeypatch.setenv("BENCH_EPOCHS", "40")
+    monkeypatch.setenv("BENCH_ITERATIONS", "25")
+    monkeypatch.setenv("BENCH_CONTINUE", "1")
+    monkeypatch.delenv("BENCH_SETTINGS", raising=False)
+    paper = trainers["BenchBCP"](None, "3d_fullres", 0, None)
+    assert {name: getattr(paper, name) for name in plugin_defaults} == trainers["PAPER"]
+    assert trainers["PAPER"]["bcp_labeled_loss_weight"] == 0.0 and paper.bcp_pretrain_epochs == 0
+    monkeypatch.setenv("BENCH_SETTINGS", json.dumps({"bcp_labeled_loss_weight": 1}))
+    changed = trainers["BenchBCP"](None, "3d_fullres", 0, None)
+    assert changed.bcp_labeled_loss_weight == 1 and changed.bcp_alpha == trainers["PAPER"]["bcp_alpha"]
