@@ -357,25 +357,38 @@ def test_benchmark_run_jobs_starts_nothing_after_the_deadline(tmp_path, capsys):
 
 
 def test_device_protocol_script_schedules_the_missing_runs_of_issue_12(tmp_path):
-    """examples/device/protocol.sh on the CPU, --dry-run: L of every seed, then (a) and (b) of every seed, then the
-    supervised-term candidate, then the weak-view candidate; no K=4 run."""
+    """examples/device/protocol.sh on the CPU, --dry-run. By default K=4: L of every seed, then (a) and (b) in the
+    plugin's default configuration of every seed. With the first session's settings (K=2, the paper's (b), two
+    candidates): L, (a) and (b), then the supervised-term candidate, then the weak-view candidate."""
     import subprocess
     import sys
     script = os.path.join(EXAMPLES, "device", "protocol.sh")
     env = {**os.environ, "WORK": str(tmp_path / "w"), "OUT": str(tmp_path / "o"), "DEVICE": "cpu",
            "PYTHON": sys.executable}
-    done = subprocess.run(["bash", script, "--dry-run"], env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
-    runs = [line.split()[2].rstrip(":") for line in done.stdout.splitlines() if line.startswith("would run ")]
-    assert runs == [f"labeled_k2_s{s}" for s in range(3)] + [
+
+    def dry_run(**settings):
+        done = subprocess.run(["bash", script, "--dry-run"], env={**env, **settings}, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return [line for line in done.stdout.splitlines() if line.startswith("would run ")]
+
+    def names(lines):
+        return [line.split()[2].rstrip(":") for line in lines]
+
+    lines = dry_run()
+    assert names(lines) == [f"labeled_k4_s{s}" for s in range(3)] + [
+        name for s in range(3) for name in (f"labeled_continue_k4_s{s}", f"bcp_continue_k4_s{s}_labeled_loss_weight=1")]
+    assert "--bcp bcp_labeled_loss_weight=1" in lines[-1] and "-k 4" in lines[-1]
+
+    lines = dry_run(K="2", BCP="", CANDIDATES="bcp_labeled_loss_weight=1 bcp_teacher_weak_view=true")
+    assert names(lines) == [f"labeled_k2_s{s}" for s in range(3)] + [
         f"{arm}_k2_s{s}" for s in range(3) for arm in ("labeled_continue", "bcp_continue")] + [
         f"bcp_continue_k2_s{s}_labeled_loss_weight=1" for s in range(3)] + [
         f"bcp_continue_k2_s{s}_teacher_weak_view=true" for s in range(3)]
-    lines = [line for line in done.stdout.splitlines() if line.startswith("would run ")]
     assert all("--device cpu" in line and f"--results {tmp_path / 'o' / 'label_scarce.jsonl'}" in line
                for line in lines)
     assert "--bcp bcp_teacher_weak_view=true" in lines[-1] and "-k 2" in lines[-1]
-    assert "--arm bcp -k 4" not in done.stdout
+    assert "--arm bcp -k 4" not in "\n".join(lines)
 
 
 def test_benchmark_reader_and_per_case_dice():

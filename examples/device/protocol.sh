@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The label-scarce protocol of issue 12 on the GPU machine, in one call, in this order of priority:
-#   (i)   per seed (0 1 2, K=2) the labeled-only model L (1000 iterations), then from L for 1000 more
-#         (a) labeled-only continued and (b) BCP continued (defaults): L is retrained in every session (a machine
-#         starts bare), and a new L needs its own (a) and (b);
-#   (ii)  the candidate bcp_labeled_loss_weight=1 (BCP continued from the same L) on the 3 seeds;
-#   (iii) the candidate bcp_teacher_weak_view=true on the 3 seeds (CANDIDATES, below: each NAME=VALUE[,NAME=VALUE]).
+# The label-scarce protocol of issue 12 on the GPU machine, in one call. By default (what the next device session
+# needs): K=4, per seed (0 1 2) the labeled-only model L (1000 iterations), then from L for 1000 more (a) labeled-only
+# continued and (b) BCP continued in the plugin's default configuration (BCP=bcp_labeled_loss_weight=1: the
+# benchmark's BCP runs start from the paper's configuration and name what they change). L is retrained in every
+# session (a machine starts bare), and a new L needs its own (a) and (b). CANDIDATES (each NAME=VALUE[,NAME=VALUE])
+# run after (a) and (b) of every seed, in order. The first device session ran K=2 as
+#   -- env K=2 BCP= CANDIDATES="bcp_labeled_loss_weight=1 bcp_teacher_weak_view=true" bash examples/device/protocol.sh
 # Each run's row (test Dice per case, and the validation Dice of its final checkpoint, on which candidates are chosen)
 # is appended to $OUT/label_scarce.jsonl as soon as that run is scored, so a timeout still returns every finished
 # run; the runs' logs ($OUT/run_logs.tar.gz) and the tables ($OUT/tables.md) are written at the end, also when the
@@ -21,34 +22,28 @@
 # .whl: see examples/device_check.sh's header. .device/bench is made here with:
 #   python examples/benchmark_label_scarce.py prepare --msd ../shared/data/Task04_Hippocampus -w .device/bench
 #
-# BUDGET (what the last session measured, H200, rows of 2026-11-26 with "device": "cuda"; the rest are estimates):
-# 3 L at once (beside a K=4 BCP run) took 128-136 s of training, 170-177 s with prediction and evaluation of the 40
-# test cases; then the continuations at once (3 (a), 3 (b), 3 runs of one candidate, beside the tail of the K=4 run)
-# took 163-176 s (a) / 302-318 s (b) of training, 214-220 s / 351-357 s in all: they ended ~530 s after the start,
-# and the seed-1 candidate run did not finish within that call's limit (--budget 560). Here: L expected at ~175 s;
-# (i) and (ii), 9 runs at once (JOBS=9; no K=4 run any more), expected to end at ~535 s, inside the ~570 s the
-# protocol gets of --budget 585 (device_check.sh's import checks first, its limit keeps 5 s back). (iii) is queued
-# behind them: its first slot frees when the (a) runs end (~395 s), after NO_START_AFTER=300 s, so it is not started
-# (a 7th BCP run beside six would slow them all past the limit; the cost benchmark's BCP stage-2 step is 0.073 s
-# alone, and parallel runs share the one GPU and 16 cores). A lighter load than expected lets it start.
-# The next session measures (iii) with the same 12 runs: CANDIDATES=bcp_teacher_weak_view=true, i.e. call 2 with
-#   -- env CANDIDATES=bcp_teacher_weak_view=true bash examples/device/protocol.sh
-# (a run whose model is already in $WORK/models is skipped, so a rerun on the same warm machine goes on where the last
-# stopped).
+# BUDGET (H200, rows of 2026-11-26 with "device": "cuda"): 3 L at once (beside a K=4 BCP run) took 128-136 s of
+# training, 170-177 s with prediction and evaluation of the 40 test cases; then 9 continuations at once (3 (a), 3 (b),
+# 3 of one candidate) took 163-176 s (a) / 302-318 s (b) of training, 214-220 s / 351-357 s in all, ending ~530 s after
+# the start. The default call is 9 runs of the same kinds (the supervised term makes (b) a heavier step: expect it to
+# end later, inside the ~570 s the protocol gets of --budget 585). Runs queued behind those (CANDIDATES) start only in
+# the first NO_START_AFTER=300 s (a 7th BCP run beside six would slow them all past the limit). A run whose model is
+# already in $WORK/models is skipped, so a rerun on the same warm machine goes on where the last stopped.
 #
 # Logic test on the CPU (lists the runs in the order they would start; tests/test_examples.py runs it):
 #   WORK=/tmp/w OUT=/tmp/o DEVICE=cpu PYTHON=.venv/bin/python bash examples/device/protocol.sh --dry-run
 # Arguments after the script's name go to `benchmark_label_scarce.py protocol`.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-WORK=${WORK:-.device/bench} SEEDS=${SEEDS:-"0 1 2"} K=${K:-2} DEVICE=${DEVICE:-cuda} PYTHON=${PYTHON:-python3}
+WORK=${WORK:-.device/bench} SEEDS=${SEEDS:-"0 1 2"} K=${K:-4} DEVICE=${DEVICE:-cuda} PYTHON=${PYTHON:-python3}
 JOBS=${JOBS:-9} NO_START_AFTER=${NO_START_AFTER:-300}
-CANDIDATES=${CANDIDATES-"bcp_labeled_loss_weight=1 bcp_teacher_weak_view=true"}
+BCP=${BCP-"bcp_labeled_loss_weight=1"} CANDIDATES=${CANDIDATES-""}
 OUT=${OUT:-.device/out}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 export nnUNet_n_proc_DA=${nnUNet_n_proc_DA:-2} PYTHONUNBUFFERED=1
 B=("$PYTHON" examples/benchmark_label_scarce.py)
 C=()
+for setting in $BCP; do C+=(--bcp "$setting"); done
 for candidate in $CANDIDATES; do C+=(--candidate "$candidate"); done
 
 finish() {
