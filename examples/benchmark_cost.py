@@ -12,7 +12,8 @@ allocated on CUDA) and the ratios, plus a breakdown of the BCP step (teacher for
 share of the step, EMA update) measured on the same batch. ``--data-wait-iterations N`` then runs N iterations on the
 real streams (nnU-Net's augmentation workers, ``nnUNet_n_proc_DA``) and reports the seconds per iteration spent waiting
 for batches; ``--filter-shape`` times the largest-component filter on a synthetic batch of two label maps of that shape
-as well. ``--bcp`` sets BCP settings (e.g. ``bcp_labeled_loss_weight=1``) on the BCP trainer before it is initialised.
+as well. The BCP trainer has the plugin's defaults; ``--bcp`` sets BCP settings on it before it is initialised (e.g.
+``bcp_labeled_loss_weight=0``: the paper's loss alone, without the default supervised term).
 """
 import argparse
 import json
@@ -170,7 +171,7 @@ def main():
     parser.add_argument("--filter-shape", type=int, nargs="+", default=None,
                         help="also time the largest-component filter on 2 synthetic label maps of this shape")
     parser.add_argument("--bcp", nargs="+", default=[], metavar="NAME=VALUE",
-                        help="BCP settings for the BCP trainer, e.g. bcp_labeled_loss_weight=1 (values are JSON)")
+                        help="BCP settings for the BCP trainer, e.g. bcp_labeled_loss_weight=0 (values are JSON)")
     parser.add_argument("--only", choices=["plain", "bcp"], help=argparse.SUPPRESS)
     parser.add_argument("-o", default=None, help="append the result as a JSON line to this file")
     args = parser.parse_args()
