@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from batchgenerators.utilities.file_and_folder_operations import join, load_json
 
+from nnunetv2_bcp.training.nnUNetTrainerBCP import STAGE_TWO_SETTINGS
+
 
 def _trainer(kind: str, args):
     from nnunetv2.paths import nnUNet_preprocessed
@@ -88,6 +90,8 @@ def measure(kind: str, args) -> dict:
     if args.device.startswith("cuda"):
         result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
     if kind == "bcp":
+        # what the step was, whatever the plugin's defaults were then (rows of earlier code: {} meant the paper's loss)
+        result["stage_two"] = {name: getattr(trainer, name) for name in STAGE_TWO_SETTINGS}
         result["breakdown_seconds"] = breakdown(trainer, batch, ubatch, args)
         if args.filter_shape:
             result["largest_component_seconds_2x" + "x".join(map(str, args.filter_shape))] = \
@@ -203,7 +207,7 @@ def main():
             results[kind]["peak_cuda_mib"] = max(r["peak_cuda_mib"] for r in measured)
     plain, bcp = results["plain"], results["bcp"]
     summary = {"dataset": args.d, "configuration": args.c, "plans": args.p, "device": args.device,
-               "bcp_settings": settings,
+               "bcp_settings": settings, "bcp_stage_two": bcp["stage_two"],
                "batch_size": plain["batch_size"], "patch_size": plain["patch_size"],
                "plain": plain, "bcp": bcp,
                "time_ratio": bcp["seconds_per_iteration"] / plain["seconds_per_iteration"],

@@ -20,7 +20,7 @@ all-labeled ceiling, with the same configuration, batch size and iteration budge
     python examples/benchmark_label_scarce.py run -w bench --arm ceiling --iterations 2000
     # the tables (paired comparison per seed, every run) in docs/benchmarks.md, and the label-efficiency figure
     python examples/benchmark_label_scarce.py table
-    python examples/benchmark_label_scarce.py figure
+    python examples/benchmark_label_scarce.py figure --bcp bcp_labeled_loss_weight=1  # BCP as the plugin's defaults
     # per-epoch validation Dice and BCP pseudo-label figures of one run, from its log
     python examples/benchmark_label_scarce.py curves -w bench --run bcp_continue_k2_s0
     # teacher and student of a kept BCP run scored on the unlabeled cases (their held-back labels); a labeled run's
@@ -685,7 +685,7 @@ same L (continuation rows record a fingerprint of L's checkpoint; a retrained L 
 
 ![Label efficiency](figures/label_efficiency.png)
 
-*Figure* (`python examples/benchmark_label_scarce.py figure`): mean test Dice against the number of labeled cases.
+*Figure* (`python examples/benchmark_label_scarce.py figure --bcp bcp_labeled_loss_weight=1`: BCP in the plugin's default configuration): mean test Dice against the number of labeled cases.
 Labeled-only and BCP are the protocol's (a) and (b): L's iterations plus the continuation's, i.e. the same total
 iterations for both; the all-labeled ceiling is drawn from rows with that total budget when there are any (its
 legend gives the iterations it was trained for). Small markers: single runs (one per seed); large markers: their

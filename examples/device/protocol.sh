@@ -4,7 +4,9 @@
 # continued and (b) BCP continued in the plugin's default configuration (BCP=bcp_labeled_loss_weight=1: the
 # benchmark's BCP runs start from the paper's configuration and name what they change). L is retrained in every
 # session (a machine starts bare), and a new L needs its own (a) and (b). CANDIDATES (each NAME=VALUE[,NAME=VALUE])
-# run after (a) and (b) of every seed, in order. The first device session ran K=2 as
+# run after (a) and (b) of every seed, in order; each is the paper's configuration changed by its own settings only
+# (not by BCP's: a candidate on top of the default names bcp_labeled_loss_weight=1 itself, e.g.
+# CANDIDATES=bcp_labeled_loss_weight=1,bcp_teacher_weak_view=true). The first device session ran K=2 as
 #   -- env K=2 BCP= CANDIDATES="bcp_labeled_loss_weight=1 bcp_teacher_weak_view=true" bash examples/device/protocol.sh
 # Each run's row (test Dice per case, and the validation Dice of its final checkpoint, on which candidates are chosen)
 # is appended to $OUT/label_scarce.jsonl as soon as that run is scored, so a timeout still returns every finished
@@ -43,8 +45,10 @@ mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 export nnUNet_n_proc_DA=${nnUNet_n_proc_DA:-2} PYTHONUNBUFFERED=1
 B=("$PYTHON" examples/benchmark_label_scarce.py)
 C=()
+set -f  # settings are JSON values: no glob expansion of e.g. [4,4,4]
 for setting in $BCP; do C+=(--bcp "$setting"); done
 for candidate in $CANDIDATES; do C+=(--candidate "$candidate"); done
+set +f
 
 finish() {
     [ -d "$WORK" ] && (cd "$WORK" && tar czf "$OUT/run_logs.tar.gz" $(ls *.log *.out 2>/dev/null) 2>/dev/null)

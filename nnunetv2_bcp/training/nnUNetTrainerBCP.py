@@ -40,11 +40,11 @@ PRETRAIN_MIN_DICE = 0.1
 MAX_PRETRAIN_FRACTION = 0.5
 
 
-# The stage-2 settings that a resumed run (--c) keeps from its checkpoint, so that it ends as it began when the
-# plugin's defaults change between the start and the resume; the value a setting had before it existed, for
-# checkpoints written before then (None: it always existed).
-KEPT_ON_RESUME = {"bcp_alpha": None, "bcp_labeled_loss_weight": 0.0, "bcp_teacher_weak_view": False,
-                  "bcp_ema_decay": None, "bcp_mask_ratio": None, "bcp_largest_component": None}
+# The settings of the stage-2 method, each with the value it had before it existed (None: it always existed). A
+# resumed run (--c) keeps them from its checkpoint, so that it ends as it began when the plugin's defaults change
+# between the start and the resume; a checkpoint written before a setting existed gets that earlier value.
+STAGE_TWO_SETTINGS = {"bcp_alpha": None, "bcp_labeled_loss_weight": 0.0, "bcp_teacher_weak_view": False,
+                      "bcp_ema_decay": None, "bcp_mask_ratio": None, "bcp_largest_component": None}
 
 
 def default_pretrain_epochs(num_epochs: int) -> int:
@@ -492,7 +492,7 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
     def keep_settings_of_the_checkpoint(self, saved: dict, source: str) -> None:
         """Continue with the stage-2 settings the run was started with where this trainer's differ (say which)."""
         kept = []
-        for name, before_it_existed in KEPT_ON_RESUME.items():
+        for name, before_it_existed in STAGE_TWO_SETTINGS.items():
             theirs = saved.get(name, before_it_existed)
             ours = getattr(self, name)
             if theirs is not None and theirs != ours:
