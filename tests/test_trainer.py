@@ -219,7 +219,16 @@ def test_stage_two_loss_depends_on_the_unlabeled_images(trainer):
     assert not np.isclose(a["loss"], b["loss"])
     figures = a["bcp"]  # per-step figures stay on the device until the epoch ends
     assert 0 <= figures["bcp_agreement"] <= 1 and figures["bcp_pseudo_fg_fraction"].shape == (2,)
-    assert np.isclose(a["loss"], figures["bcp_loss_labeled"] + 0.5 * figures["bcp_loss_unlabeled"], rtol=1e-5)
+    # the default's step adds nnU-Net's loss on the un-mixed labeled patches (test_stages.py checks that term)
+    supervised = float(a["loss"]) - float(figures["bcp_loss_labeled"]) - 0.5 * float(figures["bcp_loss_unlabeled"])
+    assert trainer.bcp_labeled_loss_weight == 1.0 and abs(supervised) > 1e-4  # nnU-Net's loss can be negative
+    trainer.bcp_labeled_loss_weight = 0.0  # the paper's loss alone: the step's loss is its two α-weighted terms
+    _restore(trainer, state)
+    trainer.bcp_iteration = 0
+    torch.manual_seed(1)
+    paper = trainer.stage_two_step(labeled, unlabeled)
+    figures = paper["bcp"]
+    assert np.isclose(paper["loss"], figures["bcp_loss_labeled"] + 0.5 * figures["bcp_loss_unlabeled"], rtol=1e-5)
 
 
 def test_teacher_is_the_ema_of_the_student_trajectory(trainer):

@@ -63,7 +63,8 @@ def test_the_teacher_labels_the_weak_half_and_the_student_sees_the_full_half(tra
     finally:
         hook.remove()
     assert torch.equal(seen["teacher"], weak)
-    student = seen["student"]
+    student = seen["student"][:len(full)]  # the mixed patches (the default's un-mixed labeled patches follow them)
+    assert torch.equal(seen["student"][len(full):], labeled["data"])
     assert student.shape[1] == full.shape[1]
     from_unlabeled = ~torch.isclose(student, labeled["data"])  # voxels pasted from the unlabeled patches
     assert from_unlabeled.any() and torch.equal(student[from_unlabeled], full[from_unlabeled])
