@@ -685,8 +685,8 @@ same L (continuation rows record a fingerprint of L's checkpoint; a retrained L 
 
 ![Label efficiency](figures/label_efficiency.png)
 
-*Figure* (`python examples/benchmark_label_scarce.py figure --bcp bcp_labeled_loss_weight=1`: BCP in the plugin's default configuration): mean test Dice against the number of labeled cases.
-Labeled-only and BCP are the protocol's (a) and (b): L's iterations plus the continuation's, i.e. the same total
+*Figure* (`python examples/benchmark_label_scarce.py figure --bcp bcp_labeled_loss_weight=1`: BCP in the plugin's
+default configuration): mean test Dice against the number of labeled cases. Labeled-only and BCP are the protocol's (a) and (b): L's iterations plus the continuation's, i.e. the same total
 iterations for both; the all-labeled ceiling is drawn from rows with that total budget when there are any (its
 legend gives the iterations it was trained for). Small markers: single runs (one per seed); large markers: their
 mean. Until the protocol's first pair lands, it shows the earlier from-scratch runs instead (one label subset, 1000

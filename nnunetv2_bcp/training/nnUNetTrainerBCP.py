@@ -58,8 +58,8 @@ class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
     ``bcp_max_pretrain_epochs`` (stage 1 goes on, up to the latter, while the student's Dice of a class on its
     labeled training patches is below the former; 0 turns this off), ``bcp_alpha`` (weight of unlabeled-origin
     voxels, 0.5), ``bcp_labeled_loss_weight`` (nnU-Net's loss on the un-mixed labeled patches beside the BCP loss,
-    1; 0 = the paper's loss alone), ``bcp_teacher_weak_view`` (the teacher labels a view without intensity augmentation),
-    ``bcp_ema_decay`` (λ, 0.99), ``bcp_mask_ratio`` (β, 2/3), ``bcp_largest_component`` (filter pseudo-labels),
+    1; 0 = the paper's loss alone), ``bcp_teacher_weak_view`` (the teacher labels a view without intensity
+    augmentation), ``bcp_ema_decay`` (λ, 0.99), ``bcp_mask_ratio`` (β, 2/3), ``bcp_largest_component`` (filter pseudo-labels),
     plus nnU-Net's ``num_epochs``, ``num_iterations_per_epoch``, ``num_val_iterations_per_epoch``.
     """
 
