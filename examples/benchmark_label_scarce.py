@@ -51,7 +51,10 @@ Run names: ``<arm>_k<K>_s<seed>`` plus ``_it<N>`` when N is not 1000, ``_from-<r
 and the ``--bcp`` settings (``_<name>=<value>``, ``bcp_`` dropped). Each run trains in ``<work>/runs/<run>`` with its
 own ``nnUNet_results`` and its own ``nnUNet_preprocessed`` dataset folder (links to the shared preprocessed files, its
 own ``bcp_label_subset.json``), so runs of different seeds or arms can train at the same time; its log is
-``<work>/<run>.log``, its model is kept in ``<work>/models/<run>``.
+``<work>/<run>.log``, its model is kept in ``<work>/models/<run>``. A run stopped before its row was written (a CPU
+run outlives a session) goes on from its latest epoch the next time it is run, or its protocol is, with the same
+settings, device and L (CPU runs save a checkpoint every epoch; the row records ``resumed_at_epoch``); delete
+``<work>/runs/<run>`` to start it over.
 """
 import argparse
 import json
@@ -88,6 +91,8 @@ def _schedule(t):
     t.num_epochs = int(os.environ["BENCH_EPOCHS"])
     t.num_iterations_per_epoch = int(os.environ["BENCH_ITERATIONS"])
     t.num_val_iterations_per_epoch = 5
+    # a CPU run outlives a session: an interrupted run resumes from its latest epoch (see run())
+    t.save_every = 1 if t.device.type == "cpu" else 10
 
 
 # The paper's stage 2 (BCP.md): each BCP run names what it changes from it (--bcp), so that a row keeps its meaning
@@ -216,24 +221,26 @@ def parse_run_name(name: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- per-run folders
-def run_environment(work: str, name: str, subset: dict = None):
+def run_environment(work: str, name: str, subset: dict = None, resume: bool = False):
     """Environment of one run: the shared raw data and trainers, its own ``nnUNet_results`` and its own
     ``nnUNet_preprocessed`` whose dataset folder links to the shared preprocessed files but holds its own label subset
-    (or none) and its own copy of BCP's unlabeled data (the plugin rewrites that copy to match the subset)."""
+    (or none) and its own copy of BCP's unlabeled data (the plugin rewrites that copy to match the subset).
+    ``resume``: keep the folder of an interrupted run as it is; otherwise it starts empty."""
     from nnunetv2_bcp.unlabeled.label_subset import LABEL_SUBSET_FILE
     env = environment(work)
     dataset = os.path.basename(dataset_folder(env))
     shared = join(env["nnUNet_preprocessed"], dataset)
     run_dir = join(work, "runs", name)
-    shutil.rmtree(run_dir, ignore_errors=True)
     own = join(run_dir, "nnUNet_preprocessed", dataset)
-    maybe_mkdir_p(own)
-    for entry in os.listdir(shared):
-        if entry == LABEL_SUBSET_FILE or entry.endswith("_unlabeled") or entry.startswith("."):
-            continue  # per run: the label subset, the unlabeled copy (made for that subset) and its lock
-        os.symlink(join(shared, entry), join(own, entry))
-    if subset is not None:
-        save_json(subset, join(own, LABEL_SUBSET_FILE), sort_keys=False)
+    if not resume:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        maybe_mkdir_p(own)
+        for entry in os.listdir(shared):
+            if entry == LABEL_SUBSET_FILE or entry.endswith("_unlabeled") or entry.startswith("."):
+                continue  # per run: the label subset, the unlabeled copy (made for that subset) and its lock
+            os.symlink(join(shared, entry), join(own, entry))
+        if subset is not None:
+            save_json(subset, join(own, LABEL_SUBSET_FILE), sort_keys=False)
     env["nnUNet_preprocessed"] = join(run_dir, "nnUNet_preprocessed")
     env["nnUNet_results"] = join(run_dir, "nnUNet_results")
     maybe_mkdir_p(env["nnUNet_results"])
@@ -352,6 +359,28 @@ def reproduce_command(args, arm: str, k: int, settings: dict) -> str:
     return " ".join(parts)
 
 
+RUN_START = "bench_run.json"  # in <work>/runs/<run>: what the run was started with, to resume it only as it began
+
+
+def interrupted_run(run_dir: str, fold_dir: str, started: dict):
+    """An earlier start of this run that was stopped before its row was written (a CPU run outlives a session): the
+    checkpoint to resume with ``--c`` and the seconds its finished epochs took, or None when there is none or it was
+    started otherwise (other iterations, settings, device, or another L)."""
+    record = join(run_dir, RUN_START)
+    if not isfile(record) or load_json(record) != started:
+        return None
+    for checkpoint in ("checkpoint_final.pth", "checkpoint_latest.pth"):  # the order in which --c looks
+        path = join(fold_dir, checkpoint)
+        if isfile(path):
+            import torch
+            saved = torch.load(path, map_location="cpu", weights_only=False)
+            times = saved["logging"]
+            seconds = sum(end - begin for begin, end in zip(times.get("epoch_start_timestamps", []),
+                                                              times.get("epoch_end_timestamps", [])))
+            return {"checkpoint": path, "epoch": saved["current_epoch"], "seconds": seconds}
+    return None
+
+
 def model_done(work: str, name: str) -> bool:
     """A run whose model is kept and whose row was written (``result.json`` is written beside the model last)."""
     return isfile(join(work, "models", name, "result.json"))
@@ -381,23 +410,37 @@ def run(args) -> dict:
                                       "bcp_alpha": None, "bcp_pretrain_epochs": None}))
     name = run_name(args.arm, k, args.seed, args.iterations, settings, from_run)
     subset = None if args.arm == "ceiling" else choose_label_subset(train, splits, num_labeled=k, seed=args.seed)
-    env, _ = run_environment(work, name, subset)
     epochs = args.iterations // args.iterations_per_epoch
+    trainer = ARM_TRAINERS[args.arm]
+    run_dir = join(work, "runs", name)
+    fold_dir = join(run_dir, "nnUNet_results", dataset, f"{trainer}__{PLANS}__3d_fullres", "fold_0")
+    from_checkpoint = checkpoint_id(join(start_model, "fold_0", "checkpoint_final.pth")) if from_run else None
+    started = {"run": name, "epochs": epochs, "iterations_per_epoch": args.iterations_per_epoch,
+               "settings": settings, "device": args.device, "from_checkpoint": from_checkpoint}
+    earlier = interrupted_run(run_dir, fold_dir, started)
+    env, _ = run_environment(work, name, subset, resume=earlier is not None)
+    if earlier is None:
+        save_json(started, join(run_dir, RUN_START), sort_keys=False)
     env.update(BENCH_EPOCHS=str(epochs), BENCH_ITERATIONS=str(args.iterations_per_epoch),
                BENCH_SETTINGS=json.dumps(settings))
-    trainer = ARM_TRAINERS[args.arm]
     log = join(work, f"{name}.log")
-    results_folder = join(env["nnUNet_results"], dataset, f"{trainer}__{PLANS}__3d_fullres")
+    results_folder = os.path.dirname(fold_dir)
     train_cmd = ["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-p", PLANS, "-tr", trainer, "-device",
                  args.device]
     start = time.time()
     if from_run:
         env["BENCH_CONTINUE"] = "1"
+    if earlier is not None:
+        print(f"{name}: resuming the interrupted run from {os.path.basename(earlier['checkpoint'])} (epoch "
+              f"{earlier['epoch']} of {epochs}; delete {run_dir} to start it over)", flush=True)
+        train_cmd.append("--c")
+    elif from_run:
         sh(["nnUNetv2_bcp_start_from_model", str(DATASET_ID), "3d_fullres", "0", "-tr", trainer, "-p", PLANS,
             "-m", join(start_model, "fold_0", "checkpoint_final.pth")], env, log)
         train_cmd.append("--c")
     sh(train_cmd, env, log)
-    train_seconds = time.time() - start
+    # an interrupted run counts the epochs it had finished before (the time of the epoch it lost is not counted)
+    train_seconds = time.time() - start + (earlier["seconds"] if earlier else 0)
     test_images = args.test_images or join(folder, "imagesTs")
     test_labels = args.test_labels or join(folder, "labelsTs")
     pred = join(work, f"pred_{name}")
@@ -419,8 +462,10 @@ def run(args) -> dict:
               "plans": PLANS, "date": time.strftime("%Y-%m-%d"),
               "command": reproduce_command(args, args.arm, k, settings)}
     result.update(validation_figures(join(results_folder, "fold_0"), dataset_json["file_ending"], labels))
+    if earlier is not None:
+        result["resumed_at_epoch"] = earlier["epoch"]
     if from_run:
-        result["from_checkpoint"] = checkpoint_id(join(start_model, "fold_0", "checkpoint_final.pth"))
+        result["from_checkpoint"] = from_checkpoint
         start_result = join(start_model, "result.json")
         result["from_iterations"] = load_json(start_result)["iterations"] if isfile(start_result) \
             else args.from_iterations  # a model kept before rows were stored beside it

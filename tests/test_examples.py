@@ -211,21 +211,29 @@ def test_benchmark_pairs_only_runs_from_the_same_labeled_model():
     assert pairs == {'{"bcp_labeled_loss_weight": 1}': [(0.80, 0.82)], "{}": [(0.70, 0.75)]}
 
 
-def test_benchmark_continuation_run_trains_missing_labeled_model_first(tmp_path, monkeypatch):
-    """``run --arm bcp_continue`` with a fake nnU-Net: L is trained first, the continuation starts from L's final
-    checkpoint in its own folders, and both rows carry the per-case Dice, seed and iterations."""
-    bench = _load("benchmark_label_scarce")
-    raw, _ = _fake_benchmark_work(str(tmp_path))
-    calls = []
+def _fake_nnunet(raw, calls, interrupt_after_epoch=None):
+    """A fake ``sh`` for the label-scarce benchmark: records each nnU-Net command, writes what nnUNetv2_train leaves
+    (final checkpoint, BCP settings, validation summary) and copies the test labels as predictions.
+    ``interrupt_after_epoch``: nnUNetv2_train leaves only a latest checkpoint of that epoch and fails, once."""
+    interrupt = [interrupt_after_epoch]
 
     def fake_sh(cmd, env, log=None):
         option = dict(zip(cmd, cmd[1:]))
         subset = load_json(join(env["nnUNet_preprocessed"], "Dataset604_Fake", "bcp_label_subset.json"))
         calls.append((cmd[0], option.get("-tr"), env["nnUNet_results"], subset["folds"]["0"]["labeled"],
-                      env.get("BENCH_CONTINUE"), json.loads(env["BENCH_SETTINGS"]), option.get("-m")))
+                      env.get("BENCH_CONTINUE"), json.loads(env["BENCH_SETTINGS"]), option.get("-m"), "--c" in cmd))
         results = join(env["nnUNet_results"], "Dataset604_Fake", f"{option.get('-tr')}__nnUNetPlans_bs2__3d_fullres")
+        if cmd[0] == "nnUNetv2_train" and interrupt[0] is not None:
+            import subprocess
+            import torch
+            os.makedirs(join(results, "fold_0"), exist_ok=True)
+            torch.save({"current_epoch": interrupt[0], "logging": {"epoch_start_timestamps": [100.0, 130.0],
+                                                                   "epoch_end_timestamps": [125.0, 160.0]}},
+                       join(results, "fold_0", "checkpoint_latest.pth"))
+            interrupt[0] = None
+            raise subprocess.CalledProcessError(-9, cmd)
         if cmd[0] == "nnUNetv2_train":
-            assert ("--c" in cmd) == bool(env.get("BENCH_CONTINUE"))
+            assert "--c" in cmd or not env.get("BENCH_CONTINUE")  # a continuation starts from its checkpoint
             os.makedirs(join(results, "fold_0", "validation"), exist_ok=True)
             with open(join(results, "fold_0", "checkpoint_final.pth"), "w") as f:
                 f.write(option["-tr"])
@@ -243,22 +251,31 @@ def test_benchmark_continuation_run_trains_missing_labeled_model_first(tmp_path,
                 join(results, "fold_0", "validation", "summary.json"))
         elif cmd[0] == "nnUNetv2_predict":
             shutil.copytree(join(raw, "labelsTs"), option["-o"])
+    return fake_sh
 
-    def metrics_in_process(folder_ref, folder_pred, output_file, reader, file_ending, labels, num_processes):
-        # nnU-Net's per-case metrics and summary.json, without its process pool (slow to start here)
-        from nnunetv2.evaluation.evaluate_predictions import (compute_metrics, recursive_fix_for_json_export,
-                                                              save_summary_json)
-        per_case = [compute_metrics(join(folder_ref, f), join(folder_pred, f), reader, labels)
-                    for f in sorted(os.listdir(folder_pred))]
-        [recursive_fix_for_json_export(r) for r in per_case]
-        means = {c: {"Dice": float(np.mean([r["metrics"][c]["Dice"] for r in per_case]))} for c in labels}
-        save_summary_json({"metric_per_case": per_case, "mean": means,
-                           "foreground_mean": {"Dice": float(np.mean([m["Dice"] for m in means.values()]))}},
-                          output_file)
 
+def _metrics_in_process(folder_ref, folder_pred, output_file, reader, file_ending, labels, num_processes):
+    # nnU-Net's per-case metrics and summary.json, without its process pool (slow to start here)
+    from nnunetv2.evaluation.evaluate_predictions import (compute_metrics, recursive_fix_for_json_export,
+                                                          save_summary_json)
+    per_case = [compute_metrics(join(folder_ref, f), join(folder_pred, f), reader, labels)
+                for f in sorted(os.listdir(folder_pred))]
+    [recursive_fix_for_json_export(r) for r in per_case]
+    means = {c: {"Dice": float(np.mean([r["metrics"][c]["Dice"] for r in per_case]))} for c in labels}
+    save_summary_json({"metric_per_case": per_case, "mean": means,
+                       "foreground_mean": {"Dice": float(np.mean([m["Dice"] for m in means.values()]))}},
+                      output_file)
+
+
+def test_benchmark_continuation_run_trains_missing_labeled_model_first(tmp_path, monkeypatch):
+    """``run --arm bcp_continue`` with a fake nnU-Net: L is trained first, the continuation starts from L's final
+    checkpoint in its own folders, and both rows carry the per-case Dice, seed and iterations."""
+    bench = _load("benchmark_label_scarce")
+    raw, _ = _fake_benchmark_work(str(tmp_path))
+    calls = []
     from nnunetv2.evaluation import evaluate_predictions
-    monkeypatch.setattr(evaluate_predictions, "compute_metrics_on_folder", metrics_in_process)
-    monkeypatch.setattr(bench, "sh", fake_sh)
+    monkeypatch.setattr(evaluate_predictions, "compute_metrics_on_folder", _metrics_in_process)
+    monkeypatch.setattr(bench, "sh", _fake_nnunet(raw, calls))
     args = argparse.Namespace(work_dir=str(tmp_path), arm="bcp_continue", k=2, seed=1, iterations=500,
                               iterations_per_epoch=25, from_iterations=1000, from_run=None, device="cpu",
                               bcp=["bcp_alpha=0.3"], bcp_alpha=None, bcp_pretrain_epochs=None, test_images=None,
@@ -287,6 +304,48 @@ def test_benchmark_continuation_run_trains_missing_labeled_model_first(tmp_path,
     assert bench.load_rows(args.results)[1] == load_json(join(str(tmp_path), "models", continued["run"], "result.json"))
     assert bench.model_done(str(tmp_path), "labeled_k2_s1") and bench.model_done(str(tmp_path), continued["run"])
     assert not os.path.exists(join(str(tmp_path), "runs", continued["run"]))
+
+
+def test_benchmark_interrupted_run_resumes_from_its_latest_checkpoint(tmp_path, monkeypatch):
+    """A CPU arm outlives a session: the next ``run`` of the same name goes on from its latest checkpoint with
+    ``--c`` (not from L again), counts the epochs it had finished and says so in its row; a run started otherwise
+    (here: on another device) starts over from L."""
+    import subprocess
+    bench = _load("benchmark_label_scarce")
+    raw, _ = _fake_benchmark_work(str(tmp_path))
+    start_model = join(str(tmp_path), "models", "labeled_k2_s1")
+    os.makedirs(join(start_model, "fold_0"))
+    with open(join(start_model, "fold_0", "checkpoint_final.pth"), "w") as f:
+        f.write("L")
+    save_json({"iterations": 1000}, join(start_model, "result.json"))
+    from nnunetv2.evaluation import evaluate_predictions
+    monkeypatch.setattr(evaluate_predictions, "compute_metrics_on_folder", _metrics_in_process)
+    args = argparse.Namespace(work_dir=str(tmp_path), arm="bcp_continue", k=2, seed=1, iterations=500,
+                              iterations_per_epoch=25, from_iterations=1000, from_run=None, device="cpu",
+                              bcp=[], bcp_alpha=None, bcp_pretrain_epochs=None, test_images=None,
+                              test_labels=None, results=str(tmp_path / "r.jsonl"))
+    calls = []
+    monkeypatch.setattr(bench, "sh", _fake_nnunet(raw, calls, interrupt_after_epoch=2))
+    with pytest.raises(subprocess.CalledProcessError):
+        bench.run(args)
+    assert [(c[0], c[7]) for c in calls] == [("nnUNetv2_bcp_start_from_model", False), ("nnUNetv2_train", True)]
+    assert bench.load_rows(args.results) == []
+
+    calls.clear()
+    row = bench.run(args)
+    assert [(c[0], c[7]) for c in calls] == [("nnUNetv2_train", True), ("nnUNetv2_predict", False)]
+    assert calls[0][4] == "1"  # still trained as a continuation (no stage 1)
+    assert row["resumed_at_epoch"] == 2 and row["train_seconds"] >= 55  # the two epochs finished before: 25 + 30 s
+    assert bench.load_rows(args.results) == [row] and not os.path.exists(join(str(tmp_path), "runs", row["run"]))
+
+    calls.clear()
+    monkeypatch.setattr(bench, "sh", _fake_nnunet(raw, calls, interrupt_after_epoch=3))
+    with pytest.raises(subprocess.CalledProcessError):
+        bench.run(args)
+    calls.clear()
+    row = bench.run(argparse.Namespace(**{**vars(args), "device": "cuda"}))
+    assert [c[0] for c in calls] == ["nnUNetv2_bcp_start_from_model", "nnUNetv2_train", "nnUNetv2_predict"]
+    assert "resumed_at_epoch" not in row
 
 
 def test_benchmark_protocol_schedules_missing_models_then_both_arms(tmp_path, monkeypatch):
@@ -422,8 +481,9 @@ def test_benchmark_bcp_runs_train_the_papers_configuration_changed_by_their_sett
     plugin_defaults = {"bcp_alpha": 0.3, "bcp_labeled_loss_weight": 1.0, "bcp_teacher_weak_view": True,
                        "bcp_ema_decay": 0.9, "bcp_mask_ratio": 0.5, "bcp_largest_component": False}
 
-    def plugin_init(self, *args, **kwargs):  # stands in for nnUNetTrainerBCP's own __init__ and defaults
+    def plugin_init(self, plans, configuration, fold, dataset_json, device):  # nnUNetTrainerBCP's __init__, defaults
         self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 1000, 250, 50
+        self.device, self.save_every = device, 50
         self.bcp_pretrain_epochs = None
         for name, value in plugin_defaults.items():
             setattr(self, name, value)
@@ -441,3 +501,7 @@ def test_benchmark_bcp_runs_train_the_papers_configuration_changed_by_their_sett
     monkeypatch.setenv("BENCH_SETTINGS", json.dumps({"bcp_labeled_loss_weight": 1}))
     changed = trainers["BenchBCP"](None, "3d_fullres", 0, None)
     assert changed.bcp_labeled_loss_weight == 1 and changed.bcp_alpha == trainers["PAPER"]["bcp_alpha"] == 0.5
+    # a CPU run saves a checkpoint every epoch, so that a run stopped with its session resumes where it was
+    import torch
+    on_cpu = trainers["BenchBCP"](None, "3d_fullres", 0, None, torch.device("cpu"))
+    assert changed.save_every == 10 and on_cpu.save_every == 1
