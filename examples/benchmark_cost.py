@@ -208,6 +208,8 @@ def main():
     plain, bcp = results["plain"], results["bcp"]
     summary = {"dataset": args.d, "configuration": args.c, "plans": args.p, "device": args.device,
                "bcp_settings": settings, "bcp_stage_two": bcp["stage_two"],
+               # glibc's allocator settings change a CPU step's time (docs/benchmarks.md)
+               "malloc_environment": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
                "batch_size": plain["batch_size"], "patch_size": plain["patch_size"],
                "plain": plain, "bcp": bcp,
                "time_ratio": bcp["seconds_per_iteration"] / plain["seconds_per_iteration"],

@@ -141,6 +141,7 @@ BCP_ARMS = ("bcp", "bcp_continue")
 
 def environment(work: str) -> dict:
     import nnunetv2_bcp
+    from nnunetv2_bcp.demo.run_demo import SMALL_MACHINE_ENVIRONMENT
     env = dict(os.environ)
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         env[name] = join(work, name)
@@ -153,9 +154,8 @@ def environment(work: str) -> dict:
             f.write(TRAINERS)
         os.replace(tmp, trainers)
     env["nnUNet_extTrainer"] = os.pathsep.join([nnunetv2_bcp.ext_trainer_dir(), join(work, "ext")])
-    env.setdefault("nnUNet_def_n_proc", "2")
-    env.setdefault("nnUNet_n_proc_DA", "2")
-    env.setdefault("nnUNet_compile", "f")
+    for name, value in SMALL_MACHINE_ENVIRONMENT.items():
+        env.setdefault(name, value)
     return env
 
 
@@ -388,6 +388,7 @@ def model_done(work: str, name: str) -> bool:
 
 def run(args) -> dict:
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
+    from nnunetv2_bcp.demo.run_demo import SMALL_MACHINE_ENVIRONMENT
     from nnunetv2_bcp.unlabeled.label_subset import choose_label_subset
     work = args.work_dir
     settings = settings_of(args)
@@ -460,6 +461,7 @@ def run(args) -> dict:
               "device": args.device, "num_test": len(summary["metric_per_case"]),
               "test_set": os.path.abspath(args.test_labels) if args.test_labels else "split", "trainer": trainer,
               "plans": PLANS, "date": time.strftime("%Y-%m-%d"),
+              "environment": {name: env[name] for name in SMALL_MACHINE_ENVIRONMENT},
               "command": reproduce_command(args, args.arm, k, settings)}
     result.update(validation_figures(join(results_folder, "fold_0"), dataset_json["file_ending"], labels))
     if earlier is not None:

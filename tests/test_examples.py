@@ -336,6 +336,7 @@ def test_benchmark_interrupted_run_resumes_from_its_latest_checkpoint(tmp_path, 
     assert [(c[0], c[7]) for c in calls] == [("nnUNetv2_train", True), ("nnUNetv2_predict", False)]
     assert calls[0][4] == "1"  # still trained as a continuation (no stage 1)
     assert row["resumed_at_epoch"] == 2 and row["train_seconds"] >= 55  # the two epochs finished before: 25 + 30 s
+    assert row["environment"]["MALLOC_MMAP_MAX_"] == "0"  # what the run's speed depended on, in its row
     assert bench.load_rows(args.results) == [row] and not os.path.exists(join(str(tmp_path), "runs", row["run"]))
 
     calls.clear()

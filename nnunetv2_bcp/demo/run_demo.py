@@ -20,6 +20,14 @@ import nnunetv2_bcp
 from nnunetv2_bcp.demo.synthetic import make_synthetic_dataset
 
 
+# What the demo (and the examples' benchmarks) set for the nnU-Net commands they start, unless the user has: few
+# workers and no torch.compile on a small machine; and glibc keeps the large blocks a training step frees in its heap.
+# By default it gives them back to the OS and the next step faults them in again page by page, which on a 2-core CPU
+# costs a BCP step much of its time (docs/benchmarks.md); GPU runs lose nothing by it.
+SMALL_MACHINE_ENVIRONMENT = {"nnUNet_def_n_proc": "2", "nnUNet_n_proc_DA": "2", "nnUNet_compile": "f",
+                             "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(16 << 30)}
+
+
 def _run(cmd, env):
     print(f"\n$ {' '.join(cmd)}", flush=True)
     exe = join(os.path.dirname(sys.executable), cmd[0])
@@ -96,9 +104,8 @@ def main(argv=None):
         maybe_mkdir_p(env[name])
     env["nnUNet_extTrainer"] = os.pathsep.join(  # the user's own trainer folders stay searchable
         filter(None, [nnunetv2_bcp.ext_trainer_dir(), os.environ.get("nnUNet_extTrainer")]))
-    env.setdefault("nnUNet_def_n_proc", "2")
-    env.setdefault("nnUNet_n_proc_DA", "2")
-    env.setdefault("nnUNet_compile", "f")
+    for name, value in SMALL_MACHINE_ENVIRONMENT.items():
+        env.setdefault(name, value)
     env["BCP_DEMO_EPOCHS"], env["BCP_DEMO_ITERATIONS"] = str(args.epochs), str(args.iterations)
     dataset_id = 502 if args.msd else 501
     for d in os.listdir(env["nnUNet_raw"]):  # a fresh start for this dataset id
