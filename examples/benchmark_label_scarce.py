@@ -78,6 +78,7 @@ TABLE_START, TABLE_END = "<!-- label-scarce-table:start -->", "<!-- label-scarce
 DATASET_ID = 604
 PLANS = "nnUNetPlans_bs2"
 DEFAULT_ITERATIONS = 1000
+DEFAULT_ITERATIONS_PER_EPOCH = 25
 TRAINERS = '''
 import json
 import os
@@ -349,6 +350,8 @@ def reproduce_command(args, arm: str, k: int, settings: dict) -> str:
     """The ``run`` command line of a row (work dir and device left out: the row records the device)."""
     parts = ["python examples/benchmark_label_scarce.py run", f"--arm {arm}", f"-k {k}", f"--seed {args.seed}",
              f"--iterations {args.iterations}"]
+    if args.iterations_per_epoch != DEFAULT_ITERATIONS_PER_EPOCH:
+        parts.append(f"--iterations-per-epoch {args.iterations_per_epoch}")
     if arm in CONTINUE_ARMS and args.from_run:
         parts.append(f"--from {args.from_run}")
     if arm in CONTINUE_ARMS and args.from_iterations != DEFAULT_ITERATIONS:
@@ -952,7 +955,7 @@ def main():
                        help="training iterations (continuation arms: N, on top of L's)")
         q.add_argument("--from-iterations", type=int, default=DEFAULT_ITERATIONS,
                        help="iterations of the labeled-only model L that continuations start from")
-        q.add_argument("--iterations-per-epoch", type=int, default=25)
+        q.add_argument("--iterations-per-epoch", type=int, default=DEFAULT_ITERATIONS_PER_EPOCH)
         q.add_argument("--device", default="cpu")
         q.add_argument("--test-images", default=None)
         q.add_argument("--test-labels", default=None)

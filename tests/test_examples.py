@@ -294,6 +294,7 @@ def test_benchmark_continuation_run_trains_missing_labeled_model_first(tmp_path,
     assert continued["settings"] == {"bcp_alpha": 0.3} and continued["bcp_settings"] == {"bcp_alpha": 0.3}
     assert continued["dice_per_case"] == {f"case{i}": {"1": 1.0, "2": 1.0} for i in range(3)}
     assert continued["seed"] == 1 and continued["dice_mean"] == 1.0 and "--bcp bcp_alpha=0.3" in continued["command"]
+    assert "--iterations-per-epoch" not in continued["command"]  # the default, 25
     # the validation figures of each run's own final checkpoint, beside the test Dice
     assert continued["validation_dice_mean"] == pytest.approx(0.75) and continued["validation_num_cases"] == 2
     assert continued["validation_dice_per_class"] == pytest.approx({"1": 0.7, "2": 0.8})
@@ -321,7 +322,7 @@ def test_benchmark_interrupted_run_resumes_from_its_latest_checkpoint(tmp_path, 
     from nnunetv2.evaluation import evaluate_predictions
     monkeypatch.setattr(evaluate_predictions, "compute_metrics_on_folder", _metrics_in_process)
     args = argparse.Namespace(work_dir=str(tmp_path), arm="bcp_continue", k=2, seed=1, iterations=500,
-                              iterations_per_epoch=25, from_iterations=1000, from_run=None, device="cpu",
+                              iterations_per_epoch=20, from_iterations=1000, from_run=None, device="cpu",
                               bcp=[], bcp_alpha=None, bcp_pretrain_epochs=None, test_images=None,
                               test_labels=None, results=str(tmp_path / "r.jsonl"))
     calls = []
@@ -336,6 +337,7 @@ def test_benchmark_interrupted_run_resumes_from_its_latest_checkpoint(tmp_path, 
     assert [(c[0], c[7]) for c in calls] == [("nnUNetv2_train", True), ("nnUNetv2_predict", False)]
     assert calls[0][4] == "1"  # still trained as a continuation (no stage 1)
     assert row["resumed_at_epoch"] == 2 and row["train_seconds"] >= 55  # the two epochs finished before: 25 + 30 s
+    assert row["command"].endswith("--iterations 500 --iterations-per-epoch 20")  # reproduces the 25 epochs
     assert row["environment"]["MALLOC_MMAP_MAX_"] == "0"  # what the run's speed depended on, in its row
     assert bench.load_rows(args.results) == [row] and not os.path.exists(join(str(tmp_path), "runs", row["run"]))
 
