@@ -23,7 +23,7 @@ from nnunetv2_bcp.demo.synthetic import make_synthetic_dataset
 # What the demo (and the examples' benchmarks) set for the nnU-Net commands they start, unless the user has: few
 # workers and no torch.compile on a small machine; and glibc keeps the large blocks a training step frees in its heap.
 # By default it gives them back to the OS and the next step faults them in again page by page, which on a 2-core CPU
-# costs a BCP step much of its time (docs/benchmarks.md); GPU runs lose nothing by it.
+# costs a BCP step much of its time (docs/benchmarks.md). On a GPU the step's tensors are not glibc's.
 SMALL_MACHINE_ENVIRONMENT = {"nnUNet_def_n_proc": "2", "nnUNet_n_proc_DA": "2", "nnUNet_compile": "f",
                              "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(16 << 30)}
 
