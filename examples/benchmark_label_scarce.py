@@ -84,6 +84,7 @@ import json
 import os
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2_bcp.training.checkpoint import saving_atomically_with
 from nnunetv2_bcp.training.nnUNetTrainerBCP import default_pretrain_epochs, nnUNetTrainerBCP
 from nnunetv2_bcp.training.nnUNetTrainerLabelSubset import nnUNetTrainerLabelSubset
 
@@ -110,7 +111,15 @@ def _settings(t):
         setattr(t, name, value)
 
 
-class BenchLabeled(nnUNetTrainerLabelSubset):
+class _AtomicCheckpoints:
+    """A run killed while it saves keeps its previous checkpoint to resume from (nnU-Net's own save writes in place;
+    BCP trainers save atomically already)."""
+    def save_checkpoint(self, filename: str) -> None:
+        with saving_atomically_with({}):
+            super().save_checkpoint(filename)
+
+
+class BenchLabeled(_AtomicCheckpoints, nnUNetTrainerLabelSubset):
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         _schedule(self)
@@ -128,7 +137,7 @@ class BenchBCP(nnUNetTrainerBCP):
         _settings(self)
 
 
-class BenchCeiling(nnUNetTrainer):
+class BenchCeiling(_AtomicCheckpoints, nnUNetTrainer):
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         _schedule(self)
@@ -369,18 +378,22 @@ def interrupted_run(run_dir: str, fold_dir: str, started: dict):
     """An earlier start of this run that was stopped before its row was written (a CPU run outlives a session): the
     checkpoint to resume with ``--c`` and the seconds its finished epochs took, or None when there is none or it was
     started otherwise (other iterations, settings, device, or another L)."""
+    import torch
     record = join(run_dir, RUN_START)
-    if not isfile(record) or load_json(record) != started:
-        return None
-    for checkpoint in ("checkpoint_final.pth", "checkpoint_latest.pth"):  # the order in which --c looks
-        path = join(fold_dir, checkpoint)
-        if isfile(path):
-            import torch
-            saved = torch.load(path, map_location="cpu", weights_only=False)
-            times = saved["logging"]
-            seconds = sum(end - begin for begin, end in zip(times.get("epoch_start_timestamps", []),
-                                                              times.get("epoch_end_timestamps", [])))
-            return {"checkpoint": path, "epoch": saved["current_epoch"], "seconds": seconds}
+    try:
+        if not isfile(record) or load_json(record) != started:
+            return None
+        for checkpoint in ("checkpoint_final.pth", "checkpoint_latest.pth"):  # the order in which --c looks
+            path = join(fold_dir, checkpoint)
+            if isfile(path):
+                saved = torch.load(path, map_location="cpu", weights_only=False)
+                times = saved["logging"]
+                seconds = sum(end - begin for begin, end in zip(times.get("epoch_start_timestamps", []),
+                                                                  times.get("epoch_end_timestamps", [])))
+                return {"checkpoint": path, "epoch": saved["current_epoch"], "seconds": seconds}
+    except Exception as e:  # a record or checkpoint cut short by the kill: nothing to resume from
+        print(f"{os.path.basename(run_dir)}: the interrupted run cannot be resumed ({type(e).__name__}: {e}); "
+              "it starts over", flush=True)
     return None
 
 
@@ -420,7 +433,8 @@ def run(args) -> dict:
     fold_dir = join(run_dir, "nnUNet_results", dataset, f"{trainer}__{PLANS}__3d_fullres", "fold_0")
     from_checkpoint = checkpoint_id(join(start_model, "fold_0", "checkpoint_final.pth")) if from_run else None
     started = {"run": name, "epochs": epochs, "iterations_per_epoch": args.iterations_per_epoch,
-               "settings": settings, "device": args.device, "from_checkpoint": from_checkpoint}
+               "settings": settings, "device": args.device, "from_checkpoint": from_checkpoint,
+               "environment": {n: env[n] for n in SMALL_MACHINE_ENVIRONMENT}}  # its timings are of one setting
     earlier = interrupted_run(run_dir, fold_dir, started)
     env, _ = run_environment(work, name, subset, resume=earlier is not None)
     if earlier is None:

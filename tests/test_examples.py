@@ -223,9 +223,14 @@ def _fake_nnunet(raw, calls, interrupt_after_epoch=None):
         calls.append((cmd[0], option.get("-tr"), env["nnUNet_results"], subset["folds"]["0"]["labeled"],
                       env.get("BENCH_CONTINUE"), json.loads(env["BENCH_SETTINGS"]), option.get("-m"), "--c" in cmd))
         results = join(env["nnUNet_results"], "Dataset604_Fake", f"{option.get('-tr')}__nnUNetPlans_bs2__3d_fullres")
+        import torch
+        if cmd[0] == "nnUNetv2_bcp_start_from_model":  # the start: L's weights as a latest checkpoint at epoch 0
+            os.makedirs(join(results, "fold_0"), exist_ok=True)
+            torch.save({"current_epoch": 0, "logging": {}}, join(results, "fold_0", "checkpoint_latest.pth"))
+        if cmd[0] == "nnUNetv2_train" and "--c" in cmd:  # nnU-Net would start from random weights without one
+            assert any(os.path.isfile(join(results, "fold_0", f"checkpoint_{c}.pth")) for c in ("final", "latest"))
         if cmd[0] == "nnUNetv2_train" and interrupt[0] is not None:
             import subprocess
-            import torch
             os.makedirs(join(results, "fold_0"), exist_ok=True)
             torch.save({"current_epoch": interrupt[0], "logging": {"epoch_start_timestamps": [100.0, 130.0],
                                                                    "epoch_end_timestamps": [125.0, 160.0]}},
@@ -336,7 +341,7 @@ def test_benchmark_interrupted_run_resumes_from_its_latest_checkpoint(tmp_path, 
     row = bench.run(args)
     assert [(c[0], c[7]) for c in calls] == [("nnUNetv2_train", True), ("nnUNetv2_predict", False)]
     assert calls[0][4] == "1"  # still trained as a continuation (no stage 1)
-    assert row["resumed_at_epoch"] == 2 and row["train_seconds"] >= 55  # the two epochs finished before: 25 + 30 s
+    assert row["resumed_at_epoch"] == 2 and 55 <= row["train_seconds"] < 60  # the two epochs before: 25 + 30 s
     assert row["command"].endswith("--iterations 500 --iterations-per-epoch 20")  # reproduces the 25 epochs
     assert row["environment"]["MALLOC_MMAP_MAX_"] == "0"  # what the run's speed depended on, in its row
     assert bench.load_rows(args.results) == [row] and not os.path.exists(join(str(tmp_path), "runs", row["run"]))
@@ -347,6 +352,20 @@ def test_benchmark_interrupted_run_resumes_from_its_latest_checkpoint(tmp_path, 
         bench.run(args)
     calls.clear()
     row = bench.run(argparse.Namespace(**{**vars(args), "device": "cuda"}))
+    assert [c[0] for c in calls] == ["nnUNetv2_bcp_start_from_model", "nnUNetv2_train", "nnUNetv2_predict"]
+    assert "resumed_at_epoch" not in row
+
+    # a checkpoint cut short by the kill: nothing to resume from, the run starts over
+    calls.clear()
+    monkeypatch.setattr(bench, "sh", _fake_nnunet(raw, calls, interrupt_after_epoch=4))
+    with pytest.raises(subprocess.CalledProcessError):
+        bench.run(args)
+    checkpoint = join(str(tmp_path), "runs", row["run"], "nnUNet_results", "Dataset604_Fake",
+                      "BenchBCP__nnUNetPlans_bs2__3d_fullres", "fold_0", "checkpoint_latest.pth")
+    with open(checkpoint, "r+b") as f:
+        f.truncate(10)
+    calls.clear()
+    row = bench.run(args)
     assert [c[0] for c in calls] == ["nnUNetv2_bcp_start_from_model", "nnUNetv2_train", "nnUNetv2_predict"]
     assert "resumed_at_epoch" not in row
 
