@@ -787,11 +787,14 @@ def table(args):
 
 def figure_series(rows: list, settings: dict, budget: int = None):
     """(labeled-only rows, BCP rows, ceiling rows, total iterations, title) of the figure: the protocol's (a) and (b)
-    at one total budget (``budget``, default the most common); without protocol rows yet, the earlier from-scratch
+    pairs at one total budget (``budget``, default the most common); without protocol rows yet, the earlier from-scratch
     runs (one label subset, BCP with α = 0.5)."""
     seeded = list({r["run"]: r for r in rows if "run" in r and r["test_set"] == "split"}.values())  # latest of a run
     continued = [r for r in seeded if r["arm"] == "labeled_continue"
                  or (r["arm"] == "bcp_continue" and r["settings"] == settings)]
+    # only paired runs: a seed whose (b) has not landed yet would pull labeled-only's mean away from BCP's seeds
+    continued = [r for group in comparisons(continued) if group["settings"] == settings
+                 for pair in group["seeds"].values() for r in pair]
     if continued:
         totals = [r["from_iterations"] + r["iterations"] for r in continued]
         budget = budget or max(set(totals), key=totals.count)

@@ -191,6 +191,9 @@ def test_benchmark_table_and_figure_from_results(tmp_path):
     assert sorted(r["dice_mean"] for r in bcp) == [0.83, 0.9]  # default settings only, a run's latest row
     assert [r["dice_mean"] for r in bench.figure_series(bench.load_rows(results), {"bcp_alpha": 0.3})[1]] == [0.5]
     assert bench.figure_series([earlier], {})[1:4] == ([earlier], [], 1000)  # before any protocol row
+    # a seed whose (b) has not landed: its (a) stays out of the figure, which averages paired seeds only
+    bench.append_row(results, _fake_row(bench, "labeled_continue", 2, 2, 0.99, 1000, 1000))
+    assert sorted(r["dice_mean"] for r in bench.figure_series(bench.load_rows(results), {})[0]) == [0.78, 0.80]
     bench.figure(args)
     with open(figure, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
