@@ -478,7 +478,7 @@ def run(args) -> dict:
               "device": args.device, "num_test": len(summary["metric_per_case"]),
               "test_set": os.path.abspath(args.test_labels) if args.test_labels else "split", "trainer": trainer,
               "plans": PLANS, "date": time.strftime("%Y-%m-%d"),
-              "environment": {name: env[name] for name in SMALL_MACHINE_ENVIRONMENT},
+              "environment": started["environment"],
               "command": reproduce_command(args, args.arm, k, settings)}
     result.update(validation_figures(join(results_folder, "fold_0"), dataset_json["file_ending"], labels))
     if earlier is not None:
@@ -790,10 +790,8 @@ def figure_series(rows: list, settings: dict, budget: int = None):
     pairs at one total budget (``budget``, default the most common); without protocol rows yet, the earlier from-scratch
     runs (one label subset, BCP with α = 0.5)."""
     seeded = list({r["run"]: r for r in rows if "run" in r and r["test_set"] == "split"}.values())  # latest of a run
-    continued = [r for r in seeded if r["arm"] == "labeled_continue"
-                 or (r["arm"] == "bcp_continue" and r["settings"] == settings)]
-    # only paired runs: a seed whose (b) has not landed yet would pull labeled-only's mean away from BCP's seeds
-    continued = [r for group in comparisons(continued) if group["settings"] == settings
+    # the (a) and (b) of paired runs only: a seed whose (b) has not landed would pull labeled-only's mean elsewhere
+    continued = [r for group in comparisons(seeded) if group["settings"] == settings
                  for pair in group["seeds"].values() for r in pair]
     if continued:
         totals = [r["from_iterations"] + r["iterations"] for r in continued]
