@@ -608,7 +608,9 @@ def paired_statistics(a: dict, b: dict, num_resamples: int = 10000, seed: int = 
 def comparisons(rows: list) -> list:
     """The protocol's pairs: each (b) ``bcp_continue`` row with the (a) ``labeled_continue`` row of the same K, seed,
     starting model (its name and, where recorded, its checkpoint: a retrained L keeps its name), iterations and test
-    set (the latest of each); grouped by (K, settings, iterations, test set)."""
+    set (the latest of each); grouped by (K, settings, iterations, test set). A seed has one pair per L it was
+    trained from: an L retrained in another session (on another device, say) gives that seed a second pair, shown
+    beside the first, never mixed with it."""
     def key(r):
         return (r["k"], r["seed"], r["from"], r.get("from_checkpoint"), r["from_iterations"], r["iterations"],
                 r["test_set"])
@@ -618,14 +620,22 @@ def comparisons(rows: list) -> list:
         if r.get("arm") == "bcp_continue" and key(r) in latest_a:
             group = (r["k"], json.dumps(r["settings"], sort_keys=True), r["from_iterations"], r["iterations"],
                      r["test_set"])
-            groups.setdefault(group, {})[r["seed"]] = (latest_a[key(r)], r)  # a later row replaces an earlier one
+            groups.setdefault(group, {})[key(r)] = (latest_a[key(r)], r)  # a later row of one pair replaces it
     return [{"k": g[0], "settings": json.loads(g[1]), "from_iterations": g[2], "iterations": g[3], "test_set": g[4],
-             "seeds": {s: pairs[s] for s in sorted(pairs)}} for g, pairs in sorted(groups.items(), key=str)]
+             "pairs": sorted(({"seed": a["seed"], "device": b["device"], "a": a, "b": b} for a, b in pairs.values()),
+                             key=lambda p: (p["seed"], p["device"]))}
+            for g, pairs in sorted(groups.items(), key=str)]
+
+
+def pair_label(pair: dict, group: dict) -> str:
+    """A pair's seed, with its device where the group's pairs ran on more than one."""
+    several = len({p["device"] for p in group["pairs"]}) > 1
+    return f"{pair['seed']} ({pair['device']})" if several else str(pair["seed"])
 
 
 def comparison_table(group: dict) -> str:
     settings = " ".join(f"--bcp {n}={json.dumps(v)}" for n, v in sorted(group["settings"].items()))
-    seeds = list(group["seeds"])
+    seeds = sorted({p["seed"] for p in group["pairs"]})
     test = "the benchmark's test split" if group["test_set"] == "split" else f"`{group['test_set']}`"
     lines = [f"**K = {group['k']}, BCP {'settings `' + settings + '`' if settings else 'as in the paper'}**: L "
              f"{group['from_iterations']} iterations, then {group['iterations']} more; scored on {test}. Reproduce: "
@@ -635,16 +645,25 @@ def comparison_table(group: dict) -> str:
                 else "") + (f" {settings}" if settings else "") + "`", "",
              "| seed | (a) labeled-only continued | (b) BCP continued | (b) − (a) | per case: mean (b) − (a) "
              "[95% bootstrap CI] | Wilcoxon p | (b) better in |", "|---|---|---|---|---|---|---|"]
-    a_means, b_means = [], []
-    for seed, (a, b) in group["seeds"].items():
+    for pair in group["pairs"]:
+        a, b = pair["a"], pair["b"]
         stats = paired_statistics(case_means(a), case_means(b))
-        a_means.append(a["dice_mean"])
-        b_means.append(b["dice_mean"])
-        lines.append(f"| {seed} | {a['dice_mean']:.4f} | {b['dice_mean']:.4f} | {b['dice_mean'] - a['dice_mean']:+.4f} "
-                     f"| {stats['mean']:+.4f} [{stats['ci'][0]:+.4f}, {stats['ci'][1]:+.4f}] | {stats['p']:.2g} | "
-                     f"{stats['better']} of {stats['n']} |")
-    lines.append(f"| mean of {len(seeds)} | {np.mean(a_means):.4f} | {np.mean(b_means):.4f} | "
-                 f"{np.mean(b_means) - np.mean(a_means):+.4f} | | | |")
+        lines.append(f"| {pair_label(pair, group)} | {a['dice_mean']:.4f} | {b['dice_mean']:.4f} | "
+                     f"{b['dice_mean'] - a['dice_mean']:+.4f} | {stats['mean']:+.4f} [{stats['ci'][0]:+.4f}, "
+                     f"{stats['ci'][1]:+.4f}] | {stats['p']:.2g} | {stats['better']} of {stats['n']} |")
+
+    def mean_line(label, pairs):
+        a_mean, b_mean = (np.mean([p[arm]["dice_mean"] for p in pairs]) for arm in "ab")
+        return f"| {label} | {a_mean:.4f} | {b_mean:.4f} | {b_mean - a_mean:+.4f} | | | |"
+    devices = sorted({p["device"] for p in group["pairs"]})
+    if len(devices) > 1:  # each device's set of pairs, then all of them
+        for device in devices:
+            pairs = [p for p in group["pairs"] if p["device"] == device]
+            lines.append(mean_line(f"mean of {len(pairs)} on {device} (seeds "
+                                   f"{' '.join(str(p['seed']) for p in pairs)})", pairs))
+        lines.append(mean_line(f"mean of all {len(group['pairs'])}", group["pairs"]))
+    else:
+        lines.append(mean_line(f"mean of {len(group['pairs'])}", group["pairs"]))
     return "\n".join(lines)
 
 
@@ -656,25 +675,27 @@ def validation_case_means(row: dict) -> dict:
 
 def candidates_table(groups: list) -> str:
     """One line per candidate (BCP settings) of the paired comparisons: (b) − (a) in nnU-Net's validation Dice of the
-    final checkpoints, per seed, their mean, and per validation case over all seeds. Candidates are chosen here; the
+    final checkpoints, per pair (seed), their mean, and per validation case over all pairs. Candidates are chosen here; the
     test split is not shown, so that it is not used to choose."""
-    lines = ["| K | BCP settings | iterations | validation (b) − (a) per seed | mean of the seeds | (b) validation "
-             "Dice, mean | per case, all seeds: mean (b) − (a) [95% bootstrap CI] | (b) better in |",
+    lines = ["| K | BCP settings | iterations | validation (b) − (a) per pair (seed) | mean of the pairs | (b) validation "
+             "Dice, mean | per case, all pairs: mean (b) − (a) [95% bootstrap CI] | (b) better in |",
              "|---|---|---|---|---|---|---|---|"]
     for g in groups:
         settings = " ".join(f"`{n}={json.dumps(v)}`" for n, v in sorted(g["settings"].items())) or "as in the paper"
         if g["test_set"] != "split":
             settings += f" (runs scored on `{g['test_set']}`)"
         diffs, b_values, a_cases, b_cases = {}, [], {}, {}
-        for seed, (a, b) in g["seeds"].items():
+        for pair in g["pairs"]:
+            a, b, label = pair["a"], pair["b"], pair_label(pair, g)
             if "validation_dice_mean" in a and "validation_dice_mean" in b:
-                diffs[seed] = b["validation_dice_mean"] - a["validation_dice_mean"]
+                diffs[label] = b["validation_dice_mean"] - a["validation_dice_mean"]
                 b_values.append(b["validation_dice_mean"])
-                a_cases.update({(seed, c): v for c, v in validation_case_means(a).items()})
-                b_cases.update({(seed, c): v for c, v in validation_case_means(b).items()})
-        per_seed = ", ".join(f"{seed}: {diffs[seed]:+.4f}" if seed in diffs else f"{seed}: –" for seed in g["seeds"])
+                a_cases.update({(label, c): v for c, v in validation_case_means(a).items()})
+                b_cases.update({(label, c): v for c, v in validation_case_means(b).items()})
+        labels = [pair_label(pair, g) for pair in g["pairs"]]
+        per_seed = ", ".join(f"{label}: {diffs[label]:+.4f}" if label in diffs else f"{label}: –" for label in labels)
         if diffs:
-            mean = f"{np.mean(list(diffs.values())):+.4f} ({len(diffs)} of {len(g['seeds'])} seeds)"
+            mean = f"{np.mean(list(diffs.values())):+.4f} ({len(diffs)} of {len(labels)} pairs)"
             b_mean = f"{np.mean(b_values):.4f}"
         else:
             mean = b_mean = "–"
@@ -789,17 +810,17 @@ def figure_series(rows: list, settings: dict, budget: int = None):
     """(labeled-only rows, BCP rows, ceiling rows, total iterations, title) of the figure: the protocol's (a) and (b)
     pairs at one total budget (``budget``, default the most common); without protocol rows yet, the earlier from-scratch
     runs (one label subset, BCP with α = 0.5)."""
-    seeded = list({r["run"]: r for r in rows if "run" in r and r["test_set"] == "split"}.values())  # latest of a run
+    seeded = [r for r in rows if "run" in r and r["test_set"] == "split"]
     # the (a) and (b) of paired runs only: a seed whose (b) has not landed would pull labeled-only's mean elsewhere
-    continued = [r for group in comparisons(seeded) if group["settings"] == settings
-                 for pair in group["seeds"].values() for r in pair]
+    continued = [pair[arm] for group in comparisons(seeded) if group["settings"] == settings
+                 for pair in group["pairs"] for arm in "ab"]
     if continued:
         totals = [r["from_iterations"] + r["iterations"] for r in continued]
         budget = budget or max(set(totals), key=totals.count)
         continued = [r for r, total in zip(continued, totals) if total == budget]
         return ([r for r in continued if r["arm"] == "labeled_continue"],
                 [r for r in continued if r["arm"] == "bcp_continue"],
-                [r for r in seeded if r["arm"] == "ceiling"], budget,
+                list({r["run"]: r for r in seeded if r["arm"] == "ceiling"}.values()), budget,  # latest of a run
                 "labeled model L, then continued: labeled-only or BCP")
     earlier = [r for r in rows if "run" not in r and r["iterations"] == (budget or DEFAULT_ITERATIONS)]
     if not earlier:

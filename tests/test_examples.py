@@ -172,7 +172,7 @@ def test_benchmark_table_and_figure_from_results(tmp_path):
     assert "labeled_k2_s1" in text and "Earlier, from scratch" in text and "stage 1: 8 epochs (fixed)" in text
     # candidates are compared on validation (a table before the test split's, without its figures)
     choose, paired = text.split("### Choosing between candidates")[1].split("### Paired comparison on the test split")
-    assert "| 2 | as in the paper | 1000 + 1000 = 2000 | 0: +0.0300, 1: +0.0100 | +0.0200 (2 of 2 seeds) | 0.7100 | " \
+    assert "| 2 | as in the paper | 1000 + 1000 = 2000 | 0: +0.0300, 1: +0.0100 | +0.0200 (2 of 2 pairs) | 0.7100 | " \
            "+0.0200 [+0.01" in choose and "] | 8 of 8 |" in choose  # per case: 4 validation cases x 2 seeds
     assert "| 2 | `bcp_alpha=0.3` | 1000 + 1000 = 2000 | 0: – | – | – | – | – |" in choose  # a row without them
     assert "0.8300" not in choose and "| 0 | 0.8000 | 0.8300 |" in paired
@@ -184,7 +184,7 @@ def test_benchmark_table_and_figure_from_results(tmp_path):
     text = open(docs).read()
     assert text.count(bench.TABLE_START) == 1 and text.endswith("kept after the table\n")
     assert "| 1 | 0.7800 | 0.9000 | +0.1200 |" in text and "| 1 | 0.7800 | 0.8000 |" not in text
-    assert "| 0: +0.0300, 1: – | +0.0300 (1 of 2 seeds) | 0.7300 |" in text  # the later row has no validation
+    assert "| 0: +0.0300, 1: – | +0.0300 (1 of 2 pairs) | 0.7300 |" in text  # the later row has no validation
     labeled, bcp, ceiling, budget, _ = bench.figure_series(bench.load_rows(results), {})
     assert budget == 2000 and [r["dice_mean"] for r in ceiling] == [0.86]
     assert sorted(r["dice_mean"] for r in labeled) == [0.78, 0.80]  # (a), not L
@@ -200,7 +200,8 @@ def test_benchmark_table_and_figure_from_results(tmp_path):
 
 
 def test_benchmark_pairs_only_runs_from_the_same_labeled_model():
-    """A later session retrains L under the same name: its (a) must not be paired with an earlier session's (b)."""
+    """A later session retrains L under the same name: its (a) must not be paired with an earlier session's (b), and
+    each L's pair stays in the table (on another device, say), with per-device means beside the mean of all."""
     bench = _load("benchmark_label_scarce")
     old_a, old_b = (_fake_row(bench, arm, 2, 0, d, 1000, 1000) for arm, d in (("labeled_continue", 0.80),
                                                                              ("bcp_continue", 0.81)))
@@ -208,10 +209,22 @@ def test_benchmark_pairs_only_runs_from_the_same_labeled_model():
                                                                              ("bcp_continue", 0.75)))
     old_cand = _fake_row(bench, "bcp_continue", 2, 0, 0.82, 1000, 1000, {"bcp_labeled_loss_weight": 1})
     new_a["from_checkpoint"] = new_b["from_checkpoint"] = "abc"
-    groups = bench.comparisons([old_a, old_b, old_cand, new_a, new_b])
-    pairs = {json.dumps(g["settings"]): [(a["dice_mean"], b["dice_mean"]) for a, b in g["seeds"].values()]
-             for g in groups}
-    assert pairs == {'{"bcp_labeled_loss_weight": 1}': [(0.80, 0.82)], "{}": [(0.70, 0.75)]}
+    new_a["device"] = new_b["device"] = "cuda"
+    seed1 = [_fake_row(bench, arm, 2, 1, d, 1000, 1000) for arm, d in (("labeled_continue", 0.60),
+                                                                      ("bcp_continue", 0.66))]
+    groups = bench.comparisons([old_a, old_b, old_cand, new_a, new_b] + seed1)
+    pairs = {json.dumps(g["settings"]): [(p["seed"], p["device"], p["a"]["dice_mean"], p["b"]["dice_mean"])
+                                         for p in g["pairs"]] for g in groups}
+    assert pairs == {'{"bcp_labeled_loss_weight": 1}': [(0, "cpu", 0.80, 0.82)],
+                     "{}": [(0, "cpu", 0.80, 0.81), (0, "cuda", 0.70, 0.75), (1, "cpu", 0.60, 0.66)]}
+    text = bench.comparison_table(groups[1])
+    assert "| 0 (cpu) | 0.8000 | 0.8100 | +0.0100 |" in text and "| 0 (cuda) | 0.7000 | 0.7500 | +0.0500 |" in text
+    assert "| mean of 2 on cpu (seeds 0 1) | 0.7000 | 0.7350 | +0.0350 |" in text
+    assert "| mean of 1 on cuda (seeds 0) | 0.7000 | 0.7500 | +0.0500 |" in text
+    assert "| mean of all 3 | 0.7000 | 0.7400 | +0.0400 |" in text
+    assert "--seeds 0 1 -k 2" in text
+    labeled, bcp = bench.figure_series([old_a, old_b, new_a, new_b] + seed1, {})[:2]
+    assert sorted(r["dice_mean"] for r in bcp) == [0.66, 0.75, 0.81]  # both pairs of seed 0 (one run name)
 
 
 def _fake_nnunet(raw, calls, interrupt_after_epoch=None):
