@@ -12,7 +12,8 @@ allocated on CUDA) and the ratios, plus a breakdown of the BCP step (teacher for
 share of the step, EMA update) measured on the same batch. ``--data-wait-iterations N`` then runs N iterations on the
 real streams (nnU-Net's augmentation workers, ``nnUNet_n_proc_DA``) and reports the seconds per iteration spent waiting
 for batches; ``--filter-shape`` times the largest-component filter on a synthetic batch of two label maps of that shape
-as well. The BCP trainer has the plugin's defaults; ``--bcp`` sets BCP settings on it before it is initialised (e.g.
+as well. Each trainer also counts the operators one step dispatches (forward, backward, optimizer; on a GPU each is
+about one kernel launch, which bounds a short step) and the files they come from. The BCP trainer has the plugin's defaults; ``--bcp`` sets BCP settings on it before it is initialised (e.g.
 ``bcp_labeled_loss_weight=0``: the paper's loss alone, without the default supervised term).
 """
 import argparse
@@ -96,11 +97,40 @@ def measure(kind: str, args) -> dict:
         if args.filter_shape:
             result["largest_component_seconds_2x" + "x".join(map(str, args.filter_shape))] = \
                 synthetic_filter_seconds(args.filter_shape, trainer.device, args)
+    result["dispatched_operators"] = dispatched_operators(step)
     if args.data_wait_iterations:
         result["data_wait_seconds_per_iteration"] = data_wait(step_on, labeled, unlabeled, args)
     for stream in (labeled, validation, unlabeled):
         shutdown_stream(stream)
     return result
+
+
+OPERATOR_SOURCES = ("nnunetv2_bcp", "nnunetv2", "dynamic_network_architectures", "torch/optim", "torch/autograd")
+
+
+def dispatched_operators(step) -> dict:
+    """The ATen operators one call of ``step`` dispatches: the total, and per source file (the innermost frame of
+    the plugin, nnU-Net, the network, torch's optimizers or autograd; backward passes run by the autograd engine on
+    another thread are counted only where the engine runs them on this one, as on the CPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    by_source = {}
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            frame, source = sys._getframe(1), "other"
+            while frame is not None:
+                path = frame.f_code.co_filename.replace(os.sep, "/")
+                known = next((s for s in OPERATOR_SOURCES if f"/{s}/" in path), None)
+                if known:
+                    source = known if known.startswith("torch/") else path[path.rindex(f"/{known}/") + 1:]
+                    break
+                frame = frame.f_back
+            by_source[source] = by_source.get(source, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        step()
+    return {"total": sum(by_source.values()), "by_source": dict(sorted(by_source.items(), key=lambda kv: -kv[1]))}
 
 
 def data_wait(step_on, labeled, unlabeled, args) -> float:
@@ -225,6 +255,10 @@ def main():
     print("  BCP step breakdown [s]: " + ", ".join(f"{k} {v:.3f}" for k, v in bcp["breakdown_seconds"].items()))
     for key in sorted(k for k in bcp if k.startswith("largest_component_seconds")):
         print(f"  {key}: {bcp[key]:.4f}")
+    plain_ops, bcp_ops = plain["dispatched_operators"], bcp["dispatched_operators"]
+    print(f"  operators dispatched per step: plain {plain_ops['total']}, bcp {bcp_ops['total']} "
+          f"({bcp_ops['total'] / plain_ops['total']:.2f}x); BCP's by source: "
+          + ", ".join(f"{k} {v}" for k, v in list(bcp_ops["by_source"].items())[:8]))
     if args.data_wait_iterations:
         print("  waiting for data [s/iteration]: " + ", ".join(
             f"{kind} {results[kind]['data_wait_seconds_per_iteration']:.4f}" for kind in ("plain", "bcp")))

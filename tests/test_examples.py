@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from batchgenerators.utilities.file_and_folder_operations import join, load_json, save_json
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
@@ -239,7 +240,6 @@ def _fake_nnunet(raw, calls, interrupt_after_epoch=None):
         calls.append((cmd[0], option.get("-tr"), env["nnUNet_results"], subset["folds"]["0"]["labeled"],
                       env.get("BENCH_CONTINUE"), json.loads(env["BENCH_SETTINGS"]), option.get("-m"), "--c" in cmd))
         results = join(env["nnUNet_results"], "Dataset604_Fake", f"{option.get('-tr')}__nnUNetPlans_bs2__3d_fullres")
-        import torch
         if cmd[0] == "nnUNetv2_bcp_start_from_model":  # the start: L's weights as a latest checkpoint at epoch 0
             os.makedirs(join(results, "fold_0"), exist_ok=True)
             torch.save({"current_epoch": 0, "logging": {}}, join(results, "fold_0", "checkpoint_latest.pth"))
@@ -540,6 +540,25 @@ def test_benchmark_bcp_runs_train_the_papers_configuration_changed_by_their_sett
     changed = trainers["BenchBCP"](None, "3d_fullres", 0, None)
     assert changed.bcp_labeled_loss_weight == 1 and changed.bcp_alpha == trainers["PAPER"]["bcp_alpha"] == 0.5
     # a CPU run saves a checkpoint every epoch, so that a run stopped with its session resumes where it was
-    import torch
     on_cpu = trainers["BenchBCP"](None, "3d_fullres", 0, None, torch.device("cpu"))
     assert changed.save_every == 10 and on_cpu.save_every == 1
+
+
+def test_cost_benchmark_counts_the_operators_of_a_step_by_source():
+    from nnunetv2_bcp.bcp.ema import ema_update_
+    cost = _load("benchmark_cost")
+    student, teacher = torch.nn.Conv3d(1, 2, 3), torch.nn.Conv3d(1, 2, 3)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
+
+    def step():
+        optimizer.zero_grad()
+        student(torch.rand(1, 1, 4, 4, 4)).square().mean().backward()
+        optimizer.step()
+        ema_update_(teacher, student, 0.99)
+
+    counted = cost.dispatched_operators(step)
+    sources = counted["by_source"]
+    assert counted["total"] == sum(sources.values()) > 0
+    assert {"torch/optim", "torch/autograd", "nnunetv2_bcp/bcp/ema.py"} <= set(sources)
+    assert "other" in sources  # the forward pass here is this test's own code
+    assert cost.dispatched_operators(lambda: None) == {"total": 0, "by_source": {}}
