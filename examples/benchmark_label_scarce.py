@@ -628,9 +628,14 @@ def comparisons(rows: list) -> list:
 
 
 def pair_label(pair: dict, group: dict) -> str:
-    """A pair's seed, with its device where the group's pairs ran on more than one."""
-    several = len({p["device"] for p in group["pairs"]}) > 1
-    return f"{pair['seed']} ({pair['device']})" if several else str(pair["seed"])
+    """A pair's seed, with its device where the group's pairs ran on more than one, and its L's fingerprint where
+    the seed has several pairs on that device."""
+    label = str(pair["seed"])
+    if len({p["device"] for p in group["pairs"]}) > 1:
+        label += f" ({pair['device']})"
+    if sum(p["seed"] == pair["seed"] and p["device"] == pair["device"] for p in group["pairs"]) > 1:
+        label += f" L {pair['a'].get('from_checkpoint') or 'unrecorded'}"
+    return label
 
 
 def comparison_table(group: dict) -> str:

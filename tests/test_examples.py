@@ -224,6 +224,9 @@ def test_benchmark_pairs_only_runs_from_the_same_labeled_model():
     assert "| mean of 1 on cuda (seeds 0) | 0.7000 | 0.7500 | +0.0500 |" in text
     assert "| mean of all 3 | 0.7000 | 0.7400 | +0.0400 |" in text
     assert "--seeds 0 1 -k 2" in text
+    new_a["device"] = new_b["device"] = "cpu"  # two Ls of one seed on one device: told apart by L's fingerprint
+    text = bench.comparison_table(bench.comparisons([old_a, old_b, new_a, new_b])[0])
+    assert "| 0 L unrecorded | 0.8000 | 0.8100 |" in text and "| 0 L abc | 0.7000 | 0.7500 |" in text
     labeled, bcp = bench.figure_series([old_a, old_b, new_a, new_b] + seed1, {})[:2]
     assert sorted(r["dice_mean"] for r in bcp) == [0.66, 0.75, 0.81]  # both pairs of seed 0 (one run name)
 
