@@ -27,8 +27,9 @@
 # BUDGET (H200, rows of 2026-11-26 with "device": "cuda"): 3 L at once (beside a K=4 BCP run) took 128-136 s of
 # training, 170-177 s with prediction and evaluation of the 40 test cases; then 9 continuations at once (3 (a), 3 (b),
 # 3 of one candidate) took 163-176 s (a) / 302-318 s (b) of training, 214-220 s / 351-357 s in all, ending ~530 s after
-# the start. The default call is 9 runs of the same kinds (the supervised term makes (b) a heavier step: expect it to
-# end later, inside the ~570 s the protocol gets of --budget 585). Runs queued behind those (CANDIDATES) start only in
+# the start. The default call (K=4, 9 runs; rows of 2026-11-27) took 149-157 s of training for the 3 L, then 154-164 s
+# (a) / 228-238 s (b) for the 6 continuations at once, and ended 486 s after the protocol's start (the call: 499 s with
+# --budget 575, after a device check of 246 s on the same warm machine; 786 s of device time in all). Runs queued behind those (CANDIDATES) start only in
 # the first NO_START_AFTER=300 s (a 7th BCP run beside six would slow them all past the limit). A run whose model is
 # already in $WORK/models is skipped, so a rerun on the same warm machine goes on where the last stopped.
 #
