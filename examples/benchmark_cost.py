@@ -13,8 +13,9 @@ share of the step, EMA update) measured on the same batch. ``--data-wait-iterati
 real streams (nnU-Net's augmentation workers, ``nnUNet_n_proc_DA``) and reports the seconds per iteration spent waiting
 for batches; ``--filter-shape`` times the largest-component filter on a synthetic batch of two label maps of that shape
 as well. Each trainer also counts the operators one step dispatches (forward, backward, optimizer; on a GPU each is
-about one kernel launch, which bounds a short step) and the files they come from. The BCP trainer has the plugin's defaults; ``--bcp`` sets BCP settings on it before it is initialised (e.g.
-``bcp_labeled_loss_weight=0``: the paper's loss alone, without the default supervised term).
+about one kernel launch, which bounds a short step) and the files they come from. The BCP trainer has the plugin's
+defaults; ``--bcp`` sets BCP settings on it before it is initialised (e.g. ``bcp_labeled_loss_weight=0``: the
+paper's loss alone, without the default supervised term).
 """
 import argparse
 import json

@@ -680,10 +680,10 @@ def validation_case_means(row: dict) -> dict:
 
 def candidates_table(groups: list) -> str:
     """One line per candidate (BCP settings) of the paired comparisons: (b) − (a) in nnU-Net's validation Dice of the
-    final checkpoints, per pair (seed), their mean, and per validation case over all pairs. Candidates are chosen here; the
-    test split is not shown, so that it is not used to choose."""
-    lines = ["| K | BCP settings | iterations | validation (b) − (a) per pair (seed) | mean of the pairs | (b) validation "
-             "Dice, mean | per case, all pairs: mean (b) − (a) [95% bootstrap CI] | (b) better in |",
+    final checkpoints, per pair (seed), their mean, and per validation case over all pairs. Candidates are chosen
+    here; the test split is not shown, so that it is not used to choose."""
+    lines = ["| K | BCP settings | iterations | validation (b) − (a) per pair (seed) | mean of the pairs | "
+             "(b) validation Dice, mean | per case, all pairs: mean (b) − (a) [95% bootstrap CI] | (b) better in |",
              "|---|---|---|---|---|---|---|---|"]
     for g in groups:
         settings = " ".join(f"`{n}={json.dumps(v)}`" for n, v in sorted(g["settings"].items())) or "as in the paper"
@@ -698,7 +698,7 @@ def candidates_table(groups: list) -> str:
                 a_cases.update({(label, c): v for c, v in validation_case_means(a).items()})
                 b_cases.update({(label, c): v for c, v in validation_case_means(b).items()})
         labels = [pair_label(pair, g) for pair in g["pairs"]]
-        per_seed = ", ".join(f"{label}: {diffs[label]:+.4f}" if label in diffs else f"{label}: –" for label in labels)
+        per_pair = ", ".join(f"{label}: {diffs[label]:+.4f}" if label in diffs else f"{label}: –" for label in labels)
         if diffs:
             mean = f"{np.mean(list(diffs.values())):+.4f} ({len(diffs)} of {len(labels)} pairs)"
             b_mean = f"{np.mean(b_values):.4f}"
@@ -710,7 +710,7 @@ def candidates_table(groups: list) -> str:
             paired = f"{stats['mean']:+.4f} [{stats['ci'][0]:+.4f}, {stats['ci'][1]:+.4f}]"
             better = f"{stats['better']} of {stats['n']}"
         total = g["from_iterations"] + g["iterations"] if g["from_iterations"] is not None else g["iterations"]
-        lines.append(f"| {g['k']} | {settings} | {g['from_iterations']} + {g['iterations']} = {total} | {per_seed} | "
+        lines.append(f"| {g['k']} | {settings} | {g['from_iterations']} + {g['iterations']} = {total} | {per_pair} | "
                      f"{mean} | {b_mean} | {paired} | {better} |")
     return "\n".join(lines)
 
