@@ -690,14 +690,14 @@ def candidates_table(groups: list) -> str:
         if g["test_set"] != "split":
             settings += f" (runs scored on `{g['test_set']}`)"
         diffs, b_values, a_cases, b_cases = {}, [], {}, {}
-        for pair in g["pairs"]:
-            a, b, label = pair["a"], pair["b"], pair_label(pair, g)
+        labels = [pair_label(pair, g) for pair in g["pairs"]]
+        for pair, label in zip(g["pairs"], labels):
+            a, b = pair["a"], pair["b"]
             if "validation_dice_mean" in a and "validation_dice_mean" in b:
                 diffs[label] = b["validation_dice_mean"] - a["validation_dice_mean"]
                 b_values.append(b["validation_dice_mean"])
                 a_cases.update({(label, c): v for c, v in validation_case_means(a).items()})
                 b_cases.update({(label, c): v for c, v in validation_case_means(b).items()})
-        labels = [pair_label(pair, g) for pair in g["pairs"]]
         per_pair = ", ".join(f"{label}: {diffs[label]:+.4f}" if label in diffs else f"{label}: –" for label in labels)
         if diffs:
             mean = f"{np.mean(list(diffs.values())):+.4f} ({len(diffs)} of {len(labels)} pairs)"
