@@ -111,6 +111,15 @@ def _settings(t):
         setattr(t, name, value)
 
 
+class _BenchInference:
+    """BENCH_NO_MIRRORING=1: the final validation and the predictions of the model without mirroring at inference
+    (test-time augmentation; a quarter of the inference time of a 2d model); training augmentation is unchanged."""
+    def on_train_start(self):
+        super().on_train_start()
+        if os.environ.get("BENCH_NO_MIRRORING"):
+            self.inference_allowed_mirroring_axes = None
+
+
 class _AtomicCheckpoints:
     """A run killed while it saves keeps its previous checkpoint to resume from (nnU-Net's own save writes in place;
     BCP trainers save atomically already)."""
@@ -119,14 +128,14 @@ class _AtomicCheckpoints:
             super().save_checkpoint(filename)
 
 
-class BenchLabeled(_AtomicCheckpoints, nnUNetTrainerLabelSubset):
+class BenchLabeled(_BenchInference, _AtomicCheckpoints, nnUNetTrainerLabelSubset):
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         _schedule(self)
         _settings(self)
 
 
-class BenchBCP(nnUNetTrainerBCP):
+class BenchBCP(_BenchInference, nnUNetTrainerBCP):
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         _schedule(self)
@@ -137,7 +146,7 @@ class BenchBCP(nnUNetTrainerBCP):
         _settings(self)
 
 
-class BenchCeiling(_AtomicCheckpoints, nnUNetTrainer):
+class BenchCeiling(_BenchInference, _AtomicCheckpoints, nnUNetTrainer):
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         _schedule(self)
@@ -231,14 +240,15 @@ def parse_run_name(name: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- per-run folders
-def run_environment(work: str, name: str, subset: dict = None, resume: bool = False):
+def run_environment(work: str, name: str, subset: dict = None, resume: bool = False, dataset: str = None):
     """Environment of one run: the shared raw data and trainers, its own ``nnUNet_results`` and its own
     ``nnUNet_preprocessed`` whose dataset folder links to the shared preprocessed files but holds its own label subset
     (or none) and its own copy of BCP's unlabeled data (the plugin rewrites that copy to match the subset).
-    ``resume``: keep the folder of an interrupted run as it is; otherwise it starts empty."""
+    ``resume``: keep the folder of an interrupted run as it is; otherwise it starts empty. ``dataset``: the dataset
+    folder's name (default: this benchmark's)."""
     from nnunetv2_bcp.unlabeled.label_subset import LABEL_SUBSET_FILE
     env = environment(work)
-    dataset = os.path.basename(dataset_folder(env))
+    dataset = dataset or os.path.basename(dataset_folder(env))
     shared = join(env["nnUNet_preprocessed"], dataset)
     run_dir = join(work, "runs", name)
     own = join(run_dir, "nnUNet_preprocessed", dataset)

@@ -137,6 +137,12 @@ def test_bcp_starts_in_stage_two_from_all_weights_of_an_nnunet_model(trainer, tm
         assert torch.equal(started.network.state_dict()[name], value), name
         assert torch.equal(started.teacher.state_dict()[name], value), name
     assert any("seg_layers" in name for name in plain.network.state_dict())
+    started.check_not_restarting_a_started_model()  # continued with --c: it goes on
+    # without --c nnU-Net would train from random weights over the starting checkpoint: refused before any work
+    fresh = nnUNetTrainerBCP(_plans(trainer), "3d_fullres", int(fold), trainer.dataset_json, torch.device("cpu"))
+    with pytest.raises(SystemExit, match=r"prepared by nnUNetv2_bcp_start_from_model .* nnUNetv2_train \.\.\. --c"):
+        fresh.on_train_start()
+    assert torch.load(start, weights_only=False)["current_epoch"] == 0
     # (in this process from here: the command is the function below behind nnU-Net's trainer lookup)
     from nnunetv2_bcp.training.start_from_model import start_from_model
     from nnunetv2_bcp.training.nnUNetTrainerLabelSubset import nnUNetTrainerLabelSubset
@@ -176,3 +182,29 @@ def test_a_checkpoint_without_teacher_points_to_the_start_command(trainer, tmp_p
     _, model = _plain_model(trainer, tmp_path)
     with pytest.raises(SystemExit, match="not by a BCP trainer.*nnUNetv2_bcp_start_from_model"):
         trainer.load_checkpoint(model)
+
+
+class _RunsACommand:
+    """What a hostile checkpoint can carry: unpickling it calls os.system."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_model_that_would_run_code_when_loaded_is_refused_unless_allowed(trainer, tmp_path):
+    from nnunetv2_bcp.training.start_from_model import start_from_model
+    plain, model = _plain_model(trainer, tmp_path)
+    hostile = torch.load(model, weights_only=False)
+    marker = tmp_path / "the_command_ran"
+    hostile["logging"]["note"] = _RunsACommand(marker)
+    hostile_path = str(tmp_path / "hostile.pth")
+    torch.save(hostile, hostile_path)
+    fresh = type(trainer)(_plans(trainer), "3d_fullres", 2, trainer.dataset_json, torch.device("cpu"))
+    with pytest.raises(SystemExit, match=r"hostile.pth holds objects other than weights and numbers \(posix.system\)"
+                                         r".*--allow_pickle"):
+        start_from_model(fresh, hostile_path)
+    assert not marker.exists()
+    start_from_model(fresh, hostile_path, allow_pickle=True)  # the user vouches for it: loaded as before
+    assert marker.exists()

@@ -2,6 +2,7 @@
 cross-validation, find_best_configuration, ensembling, prediction and a model handed to plain nnU-Net."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -226,3 +227,57 @@ def test_cross_validation_to_a_model_for_plain_nnunet(nnunet_dirs, tmp_path):
     for case, segmentation in plain_segmentations.items():
         assert np.array_equal(segmentation, a[case])
     assert _segmentations(postprocessed).keys() == a.keys()
+
+
+# ---------------------------------------------------------------- offline pseudo-labels (the maintainers' recipe)
+@pytest.mark.heavy(5)
+def test_pseudo_label_dataset_predicts_the_unlabeled_cases_and_continues_the_model(nnunet_dirs, tmp_path):
+    from nnunetv2_bcp.demo.synthetic import make_synthetic_dataset
+    source_id, target_id = "996", "997"
+    raw = make_synthetic_dataset(nnunet_dirs["nnUNet_raw"], int(source_id), "Pseudo", num_labeled=5,
+                                 num_unlabeled=3, num_test=1, shape=(16, 16, 16))
+    plan_and_preprocess(int(source_id))
+    trainers = tmp_path / "ext"
+    trainers.mkdir()
+    (trainers / "tools_trainers.py").write_text(TOOLS_TRAINERS)
+    import nnunetv2_bcp
+    env = {"nnUNet_extTrainer": os.pathsep.join([nnunetv2_bcp.ext_trainer_dir(), str(trainers)]),
+           "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1"}
+    run_cli("nnUNetv2_train", source_id, "3d_fullres", "0", "-tr", "nnUNetTrainer_tools", "-device", "cpu", env=env)
+    source_split = load_json(join(nnunet_dirs["nnUNet_preprocessed"], os.path.basename(raw), "splits_final.json"))[0]
+    command = ("nnUNetv2_bcp_pseudo_label_dataset", "-d", source_id, "-c", "3d_fullres", "-f", "0", "-tr",
+               "nnUNetTrainer_tools", "-device", "cpu", "-np", "1", "--disable_tta")
+
+    run_cli(*command, "-t", target_id, env=env)
+    target = "Dataset997_PseudoPseudo"
+    target_raw = join(nnunet_dirs["nnUNet_raw"], target)
+    unlabeled = ["unl_000", "unl_001", "unl_002"]
+    for case in unlabeled:  # a label map of the image's geometry, with the dataset's labels only
+        image = sitk.ReadImage(join(raw, "imagesUnlabeled", f"{case}_0000.nii.gz"))
+        pseudo = sitk.ReadImage(join(target_raw, "labelsTr", f"{case}.nii.gz"))
+        assert pseudo.GetSize() == image.GetSize() and pseudo.GetSpacing() == image.GetSpacing()
+        assert set(np.unique(sitk.GetArrayFromImage(pseudo))) <= {0, 1, 2}
+    for case in source_split["train"] + source_split["val"]:  # labeled cases keep their own labels
+        assert os.path.realpath(join(target_raw, "labelsTr", f"{case}.nii.gz")) == \
+            os.path.realpath(join(raw, "labelsTr", f"{case}.nii.gz"))
+    target_pre = join(nnunet_dirs["nnUNet_preprocessed"], target)
+    splits = load_json(join(target_pre, "splits_final.json"))
+    assert splits == [{"train": sorted(source_split["train"] + unlabeled), "val": sorted(source_split["val"])}]
+    assert load_json(join(target_pre, "nnUNetPlans.json"))["dataset_name"] == target
+    assert isfile(join(target_pre, "nnUNetPlans_3d_fullres", "unl_000.b2nd"))
+
+    # the model continues on labels + pseudo-labels with all its weights
+    model = join(nnunet_dirs["nnUNet_results"], os.path.basename(raw), "nnUNetTrainer_tools__nnUNetPlans__3d_fullres",
+                 "fold_0", "checkpoint_final.pth")
+    run_cli("nnUNetv2_bcp_start_from_model", target_id, "3d_fullres", "0", "-tr", "nnUNetTrainer_tools", "-m", model,
+            env=env)
+    run_cli("nnUNetv2_train", target_id, "3d_fullres", "0", "-tr", "nnUNetTrainer_tools", "-device", "cpu", "--c",
+            env=env)
+    assert isfile(join(nnunet_dirs["nnUNet_results"], target, "nnUNetTrainer_tools__nnUNetPlans__3d_fullres",
+                       "fold_0", "checkpoint_final.pth"))
+
+    taken = run_cli(*command, "-t", source_id, check=False, env=env)
+    assert taken.returncode != 0 and f"dataset id {source_id} is taken by {os.path.basename(raw)}" in taken.stderr
+    shutil.rmtree(join(raw, "imagesUnlabeled"))
+    empty = run_cli(*command, "-t", "998", check=False, env=env)
+    assert empty.returncode != 0 and "has no unlabeled images for fold 0" in empty.stderr

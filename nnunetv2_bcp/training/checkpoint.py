@@ -9,12 +9,36 @@ already read and checked.
 """
 import glob
 import os
+import pickle
 from contextlib import contextmanager
 from typing import Callable
 
+import numpy as np
 import torch
 
 TEMPORARY_SUFFIX = ".tmp"
+# What nnU-Net's checkpoints hold besides tensors and Python's own types: numpy scalars (in the training log, the best
+# EMA Dice) with their dtypes. The scalar's reconstructor is looked up where this numpy version keeps it.
+NUMPY_CHECKPOINT_GLOBALS = [np.array(0.0)[()].__reduce__()[0], np.dtype] + \
+    [type(np.dtype(t)) for t in (np.float64, np.float32, np.float16, np.int64, np.int32, np.int16, np.int8, np.uint8,
+                                 np.bool_)]
+
+
+class UntrustedCheckpointError(ValueError):
+    """A checkpoint that holds more than tensors, numbers and Python's containers: unpickling it could run code."""
+
+
+def load_checkpoint_without_code(path: str, map_location="cpu") -> dict:
+    """``torch.load(path, weights_only=True)``, allowing the numpy scalars nnU-Net's checkpoints hold: a file that
+    needs any other global (a pickled object, which can run a command when loaded) is refused with the reason."""
+    with torch.serialization.safe_globals(NUMPY_CHECKPOINT_GLOBALS):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError:
+            allowed = {f"{g.__module__}.{g.__qualname__}" for g in NUMPY_CHECKPOINT_GLOBALS}
+            unsafe = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in allowed]
+            raise UntrustedCheckpointError(f"{path} holds objects other than weights and numbers ({', '.join(unsafe)}); "
+                                           f"loading it could run code") from None
 
 
 @contextmanager

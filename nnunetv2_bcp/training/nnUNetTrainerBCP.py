@@ -25,6 +25,7 @@ from nnunetv2_bcp.training.diagnostics import (LOW_PSEUDO_LABEL_SHARE, classes_b
 from nnunetv2_bcp.training.checkpoint import (incompatibility, loading, remove_stale_checkpoint_temporaries,
                                               saving_atomically_with)
 from nnunetv2_bcp.training.nnUNetTrainerLabelSubset import LabelSubsetMixin
+from nnunetv2_bcp.training.start_from_model import ContinueOnlyWhereStartedFromModel
 from nnunetv2_bcp.unlabeled.loader import (UnlabeledDataset, make_unlabeled_stream, shutdown_stream,
                                            unlabeled_augmentation_workers)
 from nnunetv2_bcp.unlabeled.preprocess import unlabeled_cases_for_training
@@ -51,7 +52,7 @@ def default_pretrain_epochs(num_epochs: int) -> int:
     return int(round(PRETRAIN_FRACTION * num_epochs))
 
 
-class nnUNetTrainerBCP(LabelSubsetMixin, nnUNetTrainer):
+class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUNetTrainer):
     """BCP semi-supervised training. Knobs (override in a subclass, nnU-Net's way):
 
     ``bcp_pretrain_epochs`` (stage 1 length; unset: a fifth of ``num_epochs``), ``bcp_pretrain_min_dice`` and

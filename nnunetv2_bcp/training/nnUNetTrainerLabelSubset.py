@@ -3,6 +3,7 @@ baseline of BCP, and the mixin that BCP shares with it."""
 from batchgenerators.utilities.file_and_folder_operations import isfile
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from nnunetv2_bcp.training.start_from_model import ContinueOnlyWhereStartedFromModel
 from nnunetv2_bcp.unlabeled.label_subset import fold_subset, label_subset_path, load_label_subset
 from nnunetv2_bcp.unlabeled.raw import UnlabeledDataError
 
@@ -34,5 +35,5 @@ class LabelSubsetMixin:
         return dataset_tr, dataset_val
 
 
-class nnUNetTrainerLabelSubset(LabelSubsetMixin, nnUNetTrainer):
+class nnUNetTrainerLabelSubset(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUNetTrainer):
     """Plain nnU-Net trained only on the labeled cases of the label subset: the labeled-only baseline of BCP."""

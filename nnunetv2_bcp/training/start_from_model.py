@@ -15,19 +15,45 @@ import glob
 import os
 
 import torch
-from batchgenerators.utilities.file_and_folder_operations import join, maybe_mkdir_p
+from batchgenerators.utilities.file_and_folder_operations import isfile, join, maybe_mkdir_p, save_json
 
 from nnunetv2_bcp.bcp import unwrap_network
-from nnunetv2_bcp.training.checkpoint import incompatibility
+from nnunetv2_bcp.training.checkpoint import (UntrustedCheckpointError, incompatibility,
+                                              load_checkpoint_without_code)
 
 STARTING_CHECKPOINT = "checkpoint_latest.pth"  # what nnUNetv2_train --c picks up when no final checkpoint exists
+STARTED_FROM_MODEL_FILE = "bcp_started_from_model.json"
 
 
-def start_from_model(trainer, model_checkpoint: str) -> str:
+class ContinueOnlyWhereStartedFromModel:
+    """Refuses ``nnUNetv2_train`` without ``--c`` in an output folder prepared by ``nnUNetv2_bcp_start_from_model``:
+    nnU-Net would train from random weights and overwrite the starting checkpoint. (The plugin's trainers only:
+    nnU-Net's own trainers cannot be guarded.)"""
+    continued_from_checkpoint = False
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        super().load_checkpoint(filename_or_checkpoint)
+        self.continued_from_checkpoint = True
+
+    def on_train_start(self):
+        self.check_not_restarting_a_started_model()
+        super().on_train_start()
+
+    def check_not_restarting_a_started_model(self) -> None:
+        record = join(self.output_folder, STARTED_FROM_MODEL_FILE)
+        if not self.continued_from_checkpoint and isfile(record):
+            raise SystemExit(f"ERROR ({self.__class__.__name__}): {self.output_folder} was prepared by "
+                             f"nnUNetv2_bcp_start_from_model ({record}): continue it with nnUNetv2_train ... --c. "
+                             f"Without --c nnU-Net would start from random weights and overwrite the starting "
+                             f"checkpoint; to train from scratch, remove that folder first.")
+
+
+def start_from_model(trainer, model_checkpoint: str, allow_pickle: bool = False) -> str:
     """Write ``trainer``'s starting checkpoint from all weights of ``model_checkpoint``; return its path.
 
-    Refuses (SystemExit with the reason) a model of other plans, configuration or labels, and an output folder that
-    already holds checkpoints (work that would be overwritten)."""
+    Refuses (SystemExit with the reason) a model of other plans, configuration or labels, an output folder that
+    already holds checkpoints (work that would be overwritten) and, unless ``allow_pickle``, a file that holds more
+    than weights and numbers (unpickling it could run code)."""
     name = trainer.__class__.__name__
     if not os.path.isfile(model_checkpoint):
         raise SystemExit(f"ERROR ({name}): {model_checkpoint}: no such checkpoint")
@@ -35,7 +61,13 @@ def start_from_model(trainer, model_checkpoint: str) -> str:
     if existing:
         raise SystemExit(f"ERROR ({name}): {trainer.output_folder} already holds {[os.path.basename(f) for f in existing]}"
                          f"; continue it with nnUNetv2_train ... --c, or remove them to start again from the model")
-    checkpoint = torch.load(model_checkpoint, map_location='cpu', weights_only=False)
+    if allow_pickle:
+        checkpoint = torch.load(model_checkpoint, map_location='cpu', weights_only=False)
+    else:
+        try:
+            checkpoint = load_checkpoint_without_code(model_checkpoint)
+        except UntrustedCheckpointError as e:
+            raise SystemExit(f"ERROR ({name}): {e}. Only if you trust where it comes from, pass --allow_pickle.")
     reason = incompatibility(checkpoint, trainer.plans_manager.plans_name, trainer.configuration_name,
                              trainer.dataset_json['labels'])
     if reason:
@@ -54,6 +86,7 @@ def start_from_model(trainer, model_checkpoint: str) -> str:
     maybe_mkdir_p(trainer.output_folder)
     path = join(trainer.output_folder, STARTING_CHECKPOINT)
     trainer.save_checkpoint(path)
+    save_json({"model": model_checkpoint, "trainer": name}, join(trainer.output_folder, STARTED_FROM_MODEL_FILE))
     trainer.print_to_log_file(f"Starting checkpoint written from all weights of {model_checkpoint}"
                               + ("; BCP starts in stage 2 with this model as teacher" if teacher is not None else ""))
     return path
@@ -71,12 +104,14 @@ def main():
     parser.add_argument("-p", default="nnUNetPlans", help="plans identifier [nnUNetPlans]")
     parser.add_argument("-m", "--model", required=True,
                         help="checkpoint of the model to start from, e.g. .../fold_0/checkpoint_final.pth")
+    parser.add_argument("--allow_pickle", action="store_true",
+                        help="load a checkpoint that holds pickled Python objects (can run code: trusted files only)")
     args = parser.parse_args()
     fold = args.fold if args.fold == "all" else int(args.fold)
     # writing weights needs no accelerator; nnUNetv2_train --c moves everything to its own device
     trainer = get_trainer_from_args(args.dataset_name_or_id, args.configuration, fold, args.tr, args.p,
                                     device=torch.device('cpu'))
-    path = start_from_model(trainer, os.path.abspath(args.model))
+    path = start_from_model(trainer, os.path.abspath(args.model), args.allow_pickle)
     print(f"Wrote {path}. Train with: nnUNetv2_train {args.dataset_name_or_id} {args.configuration} {args.fold} "
           f"-tr {args.tr} -p {args.p} --c")
 

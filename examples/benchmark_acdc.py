@@ -1,0 +1,502 @@
+"""ACDC, the BCP paper's own benchmark, inside nnU-Net (2d): BCP against nnU-Net alone and against nnU-Net with
+offline pseudo-labels, on the paper's labeled patients.
+
+    # once: ACDC's h5 files (../shared/data/ACDC) -> nnUNet_raw/Dataset627_ACDC, planned and preprocessed (2d), a
+    # plans variant with the batch size of the benchmark (needs h5py: pip install h5py)
+    python examples/benchmark_acdc.py prepare --acdc ../shared/data/ACDC -w bench_acdc --batch-size 4
+    # the arms of one labeled set, in order (L first; each row is appended as it lands; a stopped run resumes)
+    python examples/benchmark_acdc.py protocol -w bench_acdc --labeled-set paper3 --iterations 1000
+    # one arm on its own
+    python examples/benchmark_acdc.py run -w bench_acdc --arm labeled --labeled-set paper3 --iterations 2000
+    python examples/benchmark_acdc.py run -w bench_acdc --arm pseudo_continue --labeled-set paper3
+    # paired tables (validation patients; test predictions are only written, never scored here)
+    python examples/benchmark_acdc.py table
+
+Data. ``train.list``'s 70 patients are fold 0's training cases and ``val.list``'s 10 patients its validation cases
+(``splits_final.json``), both frames (ED, ES) of a patient always on the same side. Labeled sets (``LABELED_SETS``):
+the paper's 3 and 7 patients (the first patients of ``train_slices.list``) and seeded random sets of 3 (``random3_s<N>``);
+the other training patients are unlabeled data: BCP reads their preprocessed images only (the plugin's label subset),
+and their labels are never opened in training. The 20 test patients (``test_images/``, images only) are not part of the
+dataset: every final model predicts them, the label maps are copied to ``examples/results/acdc_test_predictions/<run>/``
+for an independent evaluation, and nothing here reads them otherwise. Spacing: the h5 files keep none; every volume gets
+the nominal (x, y, z) = (1.5625, 1.5625, 10) mm, so nnU-Net resamples nothing.
+
+Arms (every continuation starts from all weights of the same labeled-only model L of its labeled set):
+``labeled`` L = nnU-Net on the labeled patients; ``labeled_continue`` (a) = L continued as nnU-Net;
+``bcp_continue`` (b) = BCP from L with the plugin's defaults; ``pseudo_continue`` (c) = the offline pseudo-label recipe
+(``nnUNetv2_bcp_pseudo_label_dataset``: L predicts the unlabeled training patients, nnU-Net continues from L on the
+labeled + pseudo-labeled patients); ``bcp`` (d) = ``nnUNetTrainerBCP`` from scratch with the plugin's defaults, for the
+iterations of L + (b); ``ceiling`` (e) = nnU-Net on all 70 training patients for the iterations of L + (a). Metrics:
+nnU-Net's evaluation (Dice, IoU) of each final checkpoint on the 20 validation volumes, per class (RV, MYO, LV) and
+per volume; ``table`` pairs each arm with (a) and (c) per volume (bootstrap interval, Wilcoxon).
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json, maybe_mkdir_p, save_json
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import benchmark_label_scarce as common  # noqa: E402  (the Hippocampus protocol's run folders, resume, statistics)
+
+DATASET_ID = 627
+DATASET_NAME = f"Dataset{DATASET_ID}_ACDC"
+CONFIGURATION = "2d"
+LABELS = {"background": 0, "RV": 1, "MYO": 2, "LV": 3}
+CLASSES = [1, 2, 3]
+NOMINAL_SPACING = (1.5625, 1.5625, 10.0)  # (x, y, z) mm: the h5 files keep none
+PAPER_LABELED_PATIENTS = 7  # the first patients of train_slices.list: the paper's 10 % set; its first 3 are the 5 %
+RESULTS = join(HERE, "results", "acdc.jsonl")
+TEST_PREDICTIONS = join(HERE, "results", "acdc_test_predictions")
+DOCS = join(HERE, os.pardir, "docs", "benchmarks.md")
+TABLE_START, TABLE_END = "<!-- acdc-table:start -->", "<!-- acdc-table:end -->"
+ARMS = ("labeled", "labeled_continue", "bcp_continue", "pseudo_continue", "bcp", "ceiling")
+CONTINUE_ARMS = ("labeled_continue", "bcp_continue", "pseudo_continue")
+# nnU-Net's trainers of the Hippocampus benchmark (its schedule from the environment): L and (a) train on the label
+# subset, (c) and (e) on every training case of their dataset, (b) and (d) are BCP
+ARM_TRAINERS = {"labeled": "BenchLabeled", "labeled_continue": "BenchLabeled", "bcp_continue": "BenchBCP",
+                "pseudo_continue": "BenchCeiling", "bcp": "BenchBCP", "ceiling": "BenchCeiling"}
+# BenchBCP trains the paper's loss changed by its settings: these make it the plugin's defaults
+PLUGIN_DEFAULTS = {"bcp_labeled_loss_weight": 1}
+
+
+# ------------------------------------------------------------------------------------------------------- data
+def patients_of(volumes):
+    """``patient099`` of ``patient099_frame01`` (and of ``patient099_frame01_slice_3``), in first-seen order."""
+    seen = []
+    for volume in volumes:
+        patient = volume.split("_")[0]
+        if patient not in seen:
+            seen.append(patient)
+    return seen
+
+
+def labeled_sets(acdc: str) -> dict:
+    """``{"paper3": [...], "paper7": [...], "random3_s1": [...], ...}``: the labeled patients of each set."""
+    train_patients = patients_of(open(join(acdc, "train.list")).read().split())
+    paper = patients_of(open(join(acdc, "train_slices.list")).read().split())[:PAPER_LABELED_PATIENTS]
+    sets = {"paper3": paper[:3], "paper7": paper}
+    for seed in (1, 2):
+        sets[f"random3_s{seed}"] = sorted(np.random.default_rng(seed).choice(sorted(train_patients), 3,
+                                                                            replace=False).tolist())
+    return sets
+
+
+def read_volume(acdc: str, volume: str, folder: str = "data"):
+    """Image and label (None where it is held out) of one volume as (z, y, x) arrays; training volumes are stored as
+    slices ``<volume>_slice_<S>.h5``, S = 1..N, and stacked back."""
+    import h5py
+    whole = join(acdc, folder, f"{volume}.h5")
+    if isfile(whole):
+        with h5py.File(whole, "r") as f:
+            return f["image"][()], (f["label"][()] if "label" in f else None)
+    images, labels = [], []
+    s = 1
+    while isfile(join(acdc, folder, f"{volume}_slice_{s}.h5")):
+        with h5py.File(join(acdc, folder, f"{volume}_slice_{s}.h5"), "r") as f:
+            images.append(f["image"][()])
+            labels.append(f["label"][()])
+        s += 1
+    if not images:
+        raise SystemExit(f"{join(acdc, folder)}: neither {volume}.h5 nor {volume}_slice_1.h5")
+    return np.stack(images), np.stack(labels)
+
+
+def write_nifti(array, path: str) -> None:
+    import SimpleITK as sitk
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(NOMINAL_SPACING)
+    sitk.WriteImage(image, path)
+
+
+def convert(acdc: str, raw_root: str) -> str:
+    """Training and validation volumes with their labels in imagesTr/labelsTr, the test volumes' images in imagesTs;
+    ``acdc_split.json`` records the lists and the labeled sets."""
+    folder = join(raw_root, DATASET_NAME)
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        maybe_mkdir_p(join(folder, sub))
+    train = open(join(acdc, "train.list")).read().split()
+    val = open(join(acdc, "val.list")).read().split()
+    for volume in train + val:
+        image, label = read_volume(acdc, volume)
+        write_nifti(image.astype(np.float32), join(folder, "imagesTr", f"{volume}_0000.nii.gz"))
+        write_nifti(label.astype(np.uint8), join(folder, "labelsTr", f"{volume}.nii.gz"))
+    test = sorted(f[:-len(".h5")] for f in os.listdir(join(acdc, "test_images")) if f.endswith(".h5"))
+    for volume in test:
+        image, _ = read_volume(acdc, volume, "test_images")
+        write_nifti(image.astype(np.float32), join(folder, "imagesTs", f"{volume}_0000.nii.gz"))
+    save_json({"channel_names": {"0": "cineMRI"}, "labels": LABELS, "file_ending": ".nii.gz",
+               "numTraining": len(train) + len(val), "name": "ACDC",
+               "description": "ACDC 2017 ED/ES frames from the SSL4MIS/BCP h5 distribution; nominal spacing "
+                              f"{NOMINAL_SPACING} mm (x, y, z); the standard train/val lists, test images in imagesTs"},
+              join(folder, "dataset.json"), sort_keys=False)
+    save_json({"train": train, "val": val, "test": test, "labeled_sets": labeled_sets(acdc)},
+              join(folder, "acdc_split.json"), sort_keys=False)
+    return folder
+
+
+def plans_name(batch_size: int) -> str:
+    return f"nnUNetPlans_bs{batch_size}"
+
+
+def prepare(args):
+    env = common.environment(args.work_dir)
+    folder = convert(os.path.abspath(args.acdc), env["nnUNet_raw"])
+    common.sh(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", CONFIGURATION, "-np", "2"], env)
+    pre = join(env["nnUNet_preprocessed"], DATASET_NAME)
+    plans = load_json(join(pre, "nnUNetPlans.json"))
+    print(f"nnU-Net's {CONFIGURATION} plans: batch size {plans['configurations'][CONFIGURATION]['batch_size']}, "
+          f"patch {plans['configurations'][CONFIGURATION]['patch_size']}", flush=True)
+    plans["plans_name"] = plans_name(args.batch_size)
+    plans["configurations"][CONFIGURATION]["batch_size"] = args.batch_size  # same preprocessed data
+    save_json(plans, join(pre, plans["plans_name"] + ".json"), sort_keys=False)
+    split = load_json(join(folder, "acdc_split.json"))
+    save_json([{"train": split["train"], "val": split["val"]}], join(pre, "splits_final.json"))
+    save_json({"batch_size": args.batch_size, "plans": plans["plans_name"]}, join(args.work_dir, "acdc_bench.json"))
+    print(f"{len(split['train'])} training, {len(split['val'])} validation, {len(split['test'])} test volumes; "
+          f"labeled sets {split['labeled_sets']}")
+
+
+
+# ------------------------------------------------------------------------------------------------------- runs
+def label_subset(split: dict, labeled_set: str, splits: list) -> dict:
+    """The plugin's label subset of fold 0: both frames of the set's patients keep their labels."""
+    from nnunetv2_bcp.unlabeled.label_subset import choose_label_subset
+    if labeled_set not in split["labeled_sets"]:
+        raise SystemExit(f"--labeled-set {labeled_set}: not one of {sorted(split['labeled_sets'])}")
+    patients = set(split["labeled_sets"][labeled_set])
+    cases = [c for c in split["train"] if c.split("_")[0] in patients]
+    subset = choose_label_subset(split["train"] + split["val"], splits, labeled_cases=cases)
+    subset["folds"].pop("all")  # fold 'all' would train on the validation patients too
+    subset["labeled_patients"] = sorted(patients)
+    return subset
+
+
+def run_name(arm: str, labeled_set: str, iterations: int, from_iterations: int = None) -> str:
+    """``labeled_paper3_it1000``, ``bcp_continue_paper3_it500_from1000``, ``ceiling_it1500``."""
+    name = arm if arm == "ceiling" else f"{arm}_{labeled_set}"
+    name += f"_it{iterations}"
+    return name + (f"_from{from_iterations}" if arm in CONTINUE_ARMS else "")
+
+
+def validation_metrics(fold_folder: str) -> dict:
+    """Dice and IoU per class and per volume of nnU-Net's final validation (the 20 validation volumes)."""
+    path = join(fold_folder, "validation", "summary.json")
+    if not isfile(path):
+        raise SystemExit(f"{path} is missing: the training did not finish its validation")
+    summary = load_json(path)
+    per_case = {}
+    for entry in summary["metric_per_case"]:
+        case = os.path.basename(entry["reference_file"])[:-len(".nii.gz")]
+        per_case[case] = {str(c): {m: entry["metrics"][str(c)][m] for m in ("Dice", "IoU")} for c in CLASSES}
+    return {"validation_dice_mean": summary["foreground_mean"]["Dice"],
+            "validation_iou_mean": summary["foreground_mean"]["IoU"],
+            "validation_dice_per_class": {str(c): summary["mean"][str(c)]["Dice"] for c in CLASSES},
+            "validation_iou_per_class": {str(c): summary["mean"][str(c)]["IoU"] for c in CLASSES},
+            "validation_per_case": per_case, "validation_num_cases": len(per_case)}
+
+
+def pseudo_label_quality(env: dict, raw: str, target_raw: str, work: str, name: str) -> dict:
+    """Dice of the pseudo-labels against the held-back labels of the unlabeled training patients (for choosing between
+    candidates; never used in training)."""
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    record = load_json(join(target_raw, "bcp_pseudo_labels.json"))
+    folder = join(work, f"pseudo_labels_{name}")
+    shutil.rmtree(folder, ignore_errors=True)
+    maybe_mkdir_p(folder)
+    for case in record["pseudo_labeled"]:
+        os.symlink(os.path.realpath(join(target_raw, "labelsTr", f"{case}.nii.gz")), join(folder, f"{case}.nii.gz"))
+    summary = compute_metrics_on_folder(join(raw, "labelsTr"), folder, join(folder, "summary.json"), SimpleITKIO(),
+                                        ".nii.gz", CLASSES, num_processes=2)
+    return {"pseudo_label_dice_mean": summary["foreground_mean"]["Dice"],
+            "pseudo_label_dice_per_class": {str(c): summary["mean"][str(c)]["Dice"] for c in CLASSES},
+            "pseudo_labeled_cases": len(record["pseudo_labeled"])}
+
+
+def code_version() -> str:
+    """The commit the run's code is at, ``+changes`` when the work tree differs from it."""
+    import subprocess
+    root = join(HERE, os.pardir)
+    try:
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+changes" if dirty else "")
+
+
+def epoch_seconds(checkpoint: str) -> float:
+    """The time the training epochs took, from nnU-Net's log in the checkpoint (start-up, the final validation and the
+    epochs an interruption lost are not counted; the epochs before a resume are)."""
+    import torch
+    times = torch.load(checkpoint, map_location="cpu", weights_only=False)["logging"]
+    return sum(end - begin for begin, end in zip(times["epoch_start_timestamps"], times["epoch_end_timestamps"]))
+
+
+def reproduce_command(args) -> str:
+    parts = ["python examples/benchmark_acdc.py run", f"--arm {args.arm}"]
+    parts += [f"--labeled-set {args.labeled_set}"] * (args.arm != "ceiling")
+    parts += [f"--iterations {args.iterations}"]
+    parts += [f"--from-iterations {args.from_iterations}"] * (args.arm in CONTINUE_ARMS)
+    parts += [f"--test-images {args.test_images}"] * bool(args.test_images)
+    return " ".join(parts)
+
+
+def run(args) -> dict:
+    from nnunetv2_bcp.demo.run_demo import SMALL_MACHINE_ENVIRONMENT
+    work = args.work_dir
+    bench = load_json(join(work, "acdc_bench.json"))
+    plans = bench["plans"]
+    env = common.environment(work)
+    raw = join(env["nnUNet_raw"], DATASET_NAME)
+    split = load_json(join(raw, "acdc_split.json"))
+    splits = load_json(join(env["nnUNet_preprocessed"], DATASET_NAME, "splits_final.json"))
+    subset = None if args.arm == "ceiling" else label_subset(split, args.labeled_set, splits)
+    from_run = None
+    if args.arm in CONTINUE_ARMS:
+        from_run = run_name("labeled", args.labeled_set, args.from_iterations)
+        if not isfile(join(work, "models", from_run, "fold_0", "checkpoint_final.pth")):
+            print(f"{from_run} is not in {join(work, 'models')}: training it first", flush=True)
+            run(argparse.Namespace(**{**vars(args), "arm": "labeled", "iterations": args.from_iterations}))
+    start_checkpoint = join(work, "models", from_run, "fold_0", "checkpoint_final.pth") if from_run else None
+    name = run_name(args.arm, args.labeled_set, args.iterations, args.from_iterations)
+    trainer = ARM_TRAINERS[args.arm]
+    settings = PLUGIN_DEFAULTS if trainer == "BenchBCP" else {}
+    train_id = DATASET_ID + 1 if args.arm == "pseudo_continue" else DATASET_ID
+    train_dataset = f"Dataset{train_id:03d}_ACDC" + ("Pseudo" if args.arm == "pseudo_continue" else "")
+    epochs = args.iterations // args.iterations_per_epoch
+    run_dir = join(work, "runs", name)
+    results_folder = join(run_dir, "nnUNet_results", train_dataset, f"{trainer}__{plans}__{CONFIGURATION}")
+    fold_dir = join(results_folder, "fold_0")
+    from_checkpoint = common.checkpoint_id(start_checkpoint) if from_run else None
+    started = {"run": name, "epochs": epochs, "iterations_per_epoch": args.iterations_per_epoch, "plans": plans,
+               "settings": settings, "device": args.device, "from_checkpoint": from_checkpoint,
+               "environment": {n: env[n] for n in SMALL_MACHINE_ENVIRONMENT}}
+    earlier = common.interrupted_run(run_dir, fold_dir, started)
+    env, _ = common.run_environment(work, name, subset, resume=earlier is not None, dataset=DATASET_NAME)
+    if earlier is None:
+        save_json(started, join(run_dir, common.RUN_START), sort_keys=False)
+    # the run's own raw root: (c) writes its pseudo-labeled dataset there
+    own_raw = join(run_dir, "nnUNet_raw")
+    if not os.path.isdir(join(own_raw, DATASET_NAME)):
+        maybe_mkdir_p(own_raw)
+        os.symlink(raw, join(own_raw, DATASET_NAME))
+    env.update(nnUNet_raw=own_raw, BENCH_EPOCHS=str(epochs), BENCH_ITERATIONS=str(args.iterations_per_epoch),
+               BENCH_SETTINGS=json.dumps(settings), BENCH_NO_MIRRORING="1")
+    if from_run:
+        env["BENCH_CONTINUE"] = "1"
+    log = join(work, f"{name}.log")
+    train_cmd = ["nnUNetv2_train", str(train_id), CONFIGURATION, "0", "-p", plans, "-tr", trainer, "-device",
+                 args.device]
+    start = time.time()
+    extra = {}
+    if earlier is not None:
+        print(f"{name}: resuming the interrupted run from {os.path.basename(earlier['checkpoint'])} (epoch "
+              f"{earlier['epoch']} of {epochs}; delete {run_dir} to start it over)", flush=True)
+        train_cmd.append("--c")
+    elif from_run:
+        if args.arm == "pseudo_continue":
+            begin = time.time()
+            common.sh(["nnUNetv2_bcp_pseudo_label_dataset", "-d", str(DATASET_ID), "-t", str(train_id), "-c",
+                       CONFIGURATION, "-f", "0", "-p", plans, "-m", join(work, "models", from_run), "-device",
+                       args.device, "-np", "2"], env, log)
+            extra["pseudo_label_seconds"] = round(time.time() - begin)
+        common.sh(["nnUNetv2_bcp_start_from_model", str(train_id), CONFIGURATION, "0", "-tr", trainer, "-p", plans,
+                   "-m", start_checkpoint], env, log)
+        train_cmd.append("--c")
+    common.sh(train_cmd, env, log)
+    train_seconds = epoch_seconds(join(fold_dir, "checkpoint_final.pth"))
+    if args.arm == "pseudo_continue":
+        extra.update(pseudo_label_quality(env, raw, join(own_raw, train_dataset), work, name))
+    # the test images: predicted, never scored here (their labels are held out)
+    test_images = args.test_images or join(raw, "imagesTs")
+    pred = join(work, f"pred_{name}")
+    shutil.rmtree(pred, ignore_errors=True)
+    common.sh(["nnUNetv2_predict", "-i", test_images, "-o", pred, "-d", str(train_id), "-c", CONFIGURATION, "-p",
+               plans, "-f", "0", "-tr", trainer, "-device", args.device, "-npp", "1", "-nps", "1"], env, log)
+    predictions = join(args.predictions, name)
+    shutil.rmtree(predictions, ignore_errors=True)
+    maybe_mkdir_p(predictions)
+    for f in sorted(os.listdir(pred)):
+        if f.endswith(".nii.gz"):
+            shutil.copy(join(pred, f), join(predictions, f))
+    iterations = epochs * args.iterations_per_epoch
+    result = {"run": name, "arm": args.arm, "labeled_set": None if args.arm == "ceiling" else args.labeled_set,
+              "labeled_patients": subset["labeled_patients"] if subset else split["train"],
+              "iterations": iterations, "from": from_run, "from_checkpoint": from_checkpoint,
+              "from_iterations": args.from_iterations if from_run else None, "settings": settings,
+              "configuration": CONFIGURATION, "plans": plans, "batch_size": bench["batch_size"],
+              "inference_mirroring": False, "device": args.device, "trainer": trainer,
+              "train_seconds": round(train_seconds), "seconds_per_iteration": round(train_seconds / iterations, 3),
+              "wall_seconds": round(time.time() - start), **extra,
+              "test_predictions": os.path.relpath(predictions, os.path.join(HERE, os.pardir)),
+              "test_images": os.path.abspath(test_images), "date": time.strftime("%Y-%m-%d"),
+              "environment": started["environment"], "code": code_version(), "command": reproduce_command(args)}
+    result.update(validation_metrics(fold_dir))
+    if earlier is not None:
+        result["resumed_at_epoch"] = earlier["epoch"]
+    if trainer == "BenchBCP":
+        result["bcp_settings"] = load_json(join(fold_dir, "bcp_settings.json"))
+    kept = join(work, "models", name)
+    maybe_mkdir_p(os.path.dirname(kept))
+    shutil.rmtree(kept, ignore_errors=True)
+    shutil.move(results_folder, kept)
+    common.append_row(args.results, result)
+    save_json(result, join(kept, "result.json"), sort_keys=False)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    print(json.dumps({k: v for k, v in result.items() if k != "validation_per_case"}), flush=True)
+    return result
+
+
+
+def protocol(args):
+    """One labeled set: L (trained first if missing), then (a), (b), (c), then (d) and (e) at L's + (a)'s iterations,
+    up to ``--jobs`` at once (each a ``run`` subprocess, its output in ``<work>/<run>.out``); finished runs are
+    skipped, a stopped one resumes."""
+    base = [sys.executable, os.path.abspath(__file__), "run", "-w", args.work_dir, "--labeled-set", args.labeled_set,
+            "--device", args.device, "--results", args.results, "--predictions", args.predictions,
+            "--iterations-per-epoch", str(args.iterations_per_epoch)]
+    if args.test_images:
+        base += ["--test-images", args.test_images]
+    total = args.from_iterations + args.iterations
+    planned = [("labeled", args.from_iterations)] + [(arm, args.iterations) for arm in CONTINUE_ARMS
+                                                      if arm in args.arms] \
+        + [(arm, total) for arm in ("bcp", "ceiling") if arm in args.arms]
+    first, rest = [], []
+    for arm, iterations in planned:
+        name = run_name(arm, args.labeled_set, iterations, args.from_iterations)
+        if common.model_done(args.work_dir, name):
+            print(f"{name}: done before (its model is in {join(args.work_dir, 'models')})", flush=True)
+            continue
+        job = (name, base + ["--arm", arm, "--iterations", str(iterations), "--from-iterations",
+                             str(args.from_iterations)])
+        (first if arm == "labeled" else rest).append(job)
+    failed = common.run_jobs(first, 1, args.work_dir, dry_run=args.dry_run)
+    if failed:
+        raise SystemExit(f"L failed: see {join(args.work_dir, failed[0])}.out and .log")
+    failed = common.run_jobs(rest, args.jobs, args.work_dir, dry_run=args.dry_run)
+    if failed:
+        raise SystemExit(f"failed: {failed} (see <run>.out and <run>.log in {args.work_dir})")
+
+
+# ------------------------------------------------------------------------------------------------------- tables
+def volume_means(row: dict) -> dict:
+    """Per validation volume: the mean Dice over RV, MYO and LV."""
+    return {case: float(np.mean([m[str(c)]["Dice"] for c in CLASSES])) for case, m in
+            row["validation_per_case"].items()}
+
+
+ARM_LABELS = {"labeled": "L", "labeled_continue": "(a) L continued as nnU-Net",
+              "bcp_continue": "(b) BCP from L, plugin defaults",
+              "pseudo_continue": "(c) L continued on labels + L's pseudo-labels",
+              "bcp": "(d) `-tr nnUNetTrainerBCP` from scratch", "ceiling": "(e) nnU-Net, all 70 patients labeled"}
+
+
+def set_table(labeled_set: str, rows: list) -> str:
+    """The arms of one labeled set: the latest row of each run; continuations paired with (a) and (c) of the same L."""
+    latest = {r["run"]: r for r in rows}.values()
+    by_arm = {}
+    for r in latest:
+        by_arm.setdefault(r["arm"], []).append(r)
+    lines = [f"**{labeled_set}** (labeled patients: {', '.join(by_arm.get('labeled', rows)[0]['labeled_patients'])})",
+             "", "| arm | iterations | validation Dice mean | RV / MYO / LV | IoU mean | − (a) per volume [95% CI], "
+             "better in | − (c) per volume [95% CI] | train time (s/it) | command |", "|---|---|---|---|---|---|---|---|---|"]
+    for arm in ARMS:
+        for r in sorted(by_arm.get(arm, []), key=lambda r: (r["iterations"], r["run"])):
+            cells = []
+            for other in ("labeled_continue", "pseudo_continue"):
+                partner = [o for o in by_arm.get(other, []) if r["arm"] != other and o.get("from_checkpoint")
+                           and (r.get("from_checkpoint") == o["from_checkpoint"]
+                                or r["iterations"] == o["iterations"] + (o["from_iterations"] or 0))]
+                if not partner:
+                    cells.append("")
+                    continue
+                stats = common.paired_statistics(volume_means(partner[-1]), volume_means(r))
+                cells.append(f"{stats['mean']:+.4f} [{stats['ci'][0]:+.4f}, {stats['ci'][1]:+.4f}], "
+                             f"{stats['better']}/{stats['n']}")
+            per_class = " / ".join(f"{r['validation_dice_per_class'][str(c)]:.3f}" for c in CLASSES)
+            lines.append(f"| {ARM_LABELS[arm]} | {r['iterations']} | {r['validation_dice_mean']:.4f} | {per_class} | "
+                         f"{r['validation_iou_mean']:.4f} | {cells[0]} | {cells[1]} | {r['train_seconds']} "
+                         f"({r['seconds_per_iteration']}, {r['device']}) | `{r['command']}` |")
+    return "\n".join(lines)
+
+
+def table(args):
+    rows = common.load_rows(args.results)
+    sets = []
+    for r in rows:
+        if r["labeled_set"] not in sets and r["labeled_set"] is not None:
+            sets.append(r["labeled_set"])
+    ceiling = [r for r in rows if r["arm"] == "ceiling"]
+    parts = [set_table(s, [r for r in rows if r["labeled_set"] == s] + ceiling) for s in sets] or ["No runs yet."]
+    text = "\n\n".join(parts)
+    doc = open(args.docs).read()
+    if TABLE_START not in doc:
+        doc += f"\n## ACDC (2d), the BCP paper's benchmark\n\n{TABLE_START}\n{TABLE_END}\n"
+    head, rest = doc.split(TABLE_START)
+    open(args.docs, "w").write(head + TABLE_START + "\n" + text + "\n" + TABLE_END + rest.split(TABLE_END)[1])
+    print(text)
+
+
+def score(args):
+    """Dice per class of every run's committed test predictions against a folder of labels (e.g. the held-out test
+    labels, once they are released); nothing else in this benchmark reads test labels."""
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    for run in sorted(os.listdir(args.predictions)):
+        folder = join(args.predictions, run)
+        output = join(args.work_dir, f"test_score_{run}.json")
+        maybe_mkdir_p(args.work_dir)
+        summary = compute_metrics_on_folder(args.labels, folder, output, SimpleITKIO(), ".nii.gz", CLASSES,
+                                            num_processes=2)
+        per_class = " ".join(f"{summary['mean'][str(c)]['Dice']:.4f}" for c in CLASSES)
+        print(f"{run}: mean Dice {summary['foreground_mean']['Dice']:.4f} (RV MYO LV {per_class})", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("--acdc", default=join(HERE, os.pardir, os.pardir, "shared", "data", "ACDC"))
+    p.add_argument("--batch-size", type=int, default=4)
+    r = sub.add_parser("run")
+    r.add_argument("--arm", required=True, choices=ARMS)
+    r.add_argument("--labeled-set", default="paper3", help="paper3, paper7, random3_s1, random3_s2 [paper3]")
+    r.add_argument("--iterations", type=int, default=1000, help="iterations of this run [1000]")
+    r.add_argument("--from-iterations", type=int, default=1000, help="iterations of L, for continuations [1000]")
+    o = sub.add_parser("protocol")
+    o.add_argument("--labeled-set", default="paper3")
+    o.add_argument("--iterations", type=int, default=1000, help="iterations of each continuation [1000]")
+    o.add_argument("--from-iterations", type=int, default=1000, help="iterations of L [1000]")
+    o.add_argument("--arms", nargs="+", default=list(ARMS[1:]), choices=ARMS[1:], help="[all]")
+    o.add_argument("--jobs", type=int, default=1, help="runs at once after L [1]")
+    o.add_argument("--dry-run", action="store_true")
+    t = sub.add_parser("table")
+    t.add_argument("--docs", default=DOCS)
+    c = sub.add_parser("score")
+    c.add_argument("--labels", required=True, help="folder of label maps named like the test images")
+    for q in (p, r, o, c):
+        q.add_argument("-w", "--work-dir", default="bench_acdc")
+    for q in (r, o, t, c):
+        q.add_argument("--results", default=RESULTS)
+        q.add_argument("--predictions", default=TEST_PREDICTIONS, help="where the test label maps are copied")
+    for q in (r, o):
+        q.add_argument("--iterations-per-epoch", type=int, default=common.DEFAULT_ITERATIONS_PER_EPOCH)
+        q.add_argument("--device", default="cpu")
+        q.add_argument("--test-images", default=None, help="another image folder to predict [ACDC's test images]")
+    args = parser.parse_args()
+    if hasattr(args, "work_dir"):
+        args.work_dir = os.path.abspath(args.work_dir)
+    {"prepare": prepare, "run": run, "protocol": protocol, "table": table, "score": score}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
