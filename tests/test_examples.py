@@ -565,3 +565,90 @@ def test_cost_benchmark_counts_the_operators_of_a_step_by_source():
     assert {"torch/optim", "torch/autograd", "nnunetv2_bcp/bcp/ema.py"} <= set(sources)
     assert "other" in sources  # the forward pass here is this test's own code
     assert cost.dispatched_operators(lambda: None) == {"total": 0, "by_source": {}}
+
+
+# ------------------------------------------------------------------------------------ ACDC benchmark
+def _fake_acdc_h5(root, train_patients=8, val_patients=2, test_patients=2):
+    """ACDC as the h5 distribution holds it: training volumes as slices (slice S holds the value S), validation
+    volumes whole, test volumes as images only; the lists, the paper's patients first in train_slices.list."""
+    import h5py
+    os.makedirs(join(root, "data"))
+    os.makedirs(join(root, "test_images"))
+    patients = [f"patient{p:03d}" for p in range(1, train_patients + val_patients + test_patients + 1)]
+    train, val, test = (patients[:train_patients], patients[train_patients:train_patients + val_patients],
+                        patients[train_patients + val_patients:])
+    volumes = lambda group: [f"{p}_frame0{f}" for p in group for f in (1, 2)]  # noqa: E731
+    slices = []
+    for volume in volumes(train):
+        for s in range(1, 4):
+            with h5py.File(join(root, "data", f"{volume}_slice_{s}.h5"), "w") as f:
+                f["image"] = np.full((8, 6), s / 10, np.float32)
+                f["label"] = np.full((8, 6), s, np.uint8)
+            slices.append(f"{volume}_slice_{s}")
+    for volume in volumes(val):
+        with h5py.File(join(root, "data", f"{volume}.h5"), "w") as f:
+            f["image"] = np.zeros((3, 8, 6), np.float32)
+            f["label"] = np.ones((3, 8, 6), np.uint8)
+    for volume in volumes(test):
+        with h5py.File(join(root, "test_images", f"{volume}.h5"), "w") as f:
+            f["image"] = np.zeros((3, 8, 6), np.float32)
+    order = sorted(slices, key=lambda s: (train[::-1].index(s.split("_")[0]), s))  # the paper's: last patient first
+    for name, lines in (("train.list", volumes(train)), ("val.list", volumes(val)), ("train_slices.list", order)):
+        open(join(root, name), "w").write("\n".join(lines) + "\n")
+    return train, val, test
+
+
+def test_acdc_benchmark_converts_the_h5_distribution_and_keeps_test_patients_out(tmp_path):
+    acdc = _load("benchmark_acdc")
+    train, val, test = _fake_acdc_h5(str(tmp_path / "ACDC"))
+    folder = acdc.convert(str(tmp_path / "ACDC"), str(tmp_path / "raw"))
+    split = load_json(join(folder, "acdc_split.json"))
+    assert split["labeled_sets"]["paper3"] == train[::-1][:3] and split["labeled_sets"]["paper7"] == train[::-1][:7]
+    assert len(split["labeled_sets"]["random3_s1"]) == 3 and set(split["labeled_sets"]["random3_s1"]) <= set(train)
+    image = sitk.ReadImage(join(folder, "imagesTr", "patient001_frame02_0000.nii.gz"))
+    assert image.GetSpacing() == acdc.NOMINAL_SPACING and image.GetSize() == (6, 8, 3)
+    label = sitk.GetArrayFromImage(sitk.ReadImage(join(folder, "labelsTr", "patient001_frame02.nii.gz")))
+    assert label[:, 0, 0].tolist() == [1, 2, 3]  # slices stacked back in their order
+    assert len(os.listdir(join(folder, "imagesTr"))) == len(os.listdir(join(folder, "labelsTr"))) == 2 * (8 + 2)
+    assert sorted(os.listdir(join(folder, "imagesTs"))) == [f"{p}_frame0{f}_0000.nii.gz" for p in test for f in (1, 2)]
+    assert not os.path.exists(join(folder, "labelsTs"))  # test labels are held out: never written
+    assert not any(p in f for p in test for f in os.listdir(join(folder, "imagesTr")))
+    assert load_json(join(folder, "dataset.json"))["labels"] == {"background": 0, "RV": 1, "MYO": 2, "LV": 3}
+
+    splits = [{"train": split["train"], "val": split["val"]}]
+    subset = acdc.label_subset(split, "paper3", splits)
+    labeled = subset["folds"]["0"]["labeled"]
+    assert sorted(labeled) == sorted(f"{p}_frame0{f}" for p in train[::-1][:3] for f in (1, 2))  # both frames
+    assert sorted(labeled + subset["folds"]["0"]["unlabeled"]) == sorted(split["train"])
+    assert "all" not in subset["folds"]  # fold 'all' would train on the validation patients
+    with pytest.raises(SystemExit, match="--labeled-set paper5: not one of"):
+        acdc.label_subset(split, "paper5", splits)
+
+
+def _acdc_row(acdc, arm, iterations, dice, from_checkpoint=None, from_iterations=1000):
+    per_case = {f"patient0{i}_frame01": {str(c): {"Dice": dice + 0.01 * i, "IoU": dice} for c in acdc.CLASSES}
+                for i in range(5)}
+    return {"run": acdc.run_name(arm, "paper3", iterations, from_iterations), "arm": arm, "labeled_set": "paper3",
+            "labeled_patients": ["patient099"], "iterations": iterations, "from_checkpoint": from_checkpoint,
+            "from_iterations": from_iterations if from_checkpoint else None, "validation_dice_mean": dice,
+            "validation_iou_mean": dice, "validation_dice_per_class": {str(c): dice for c in acdc.CLASSES},
+            "validation_per_case": per_case, "train_seconds": 10, "seconds_per_iteration": 0.1, "device": "cpu",
+            "command": f"run --arm {arm}"}
+
+
+def test_acdc_benchmark_table_pairs_the_arms_that_started_from_the_same_model(tmp_path):
+    acdc = _load("benchmark_acdc")
+    assert acdc.run_name("bcp_continue", "paper3", 300, 1000) == "bcp_continue_paper3_it300_from1000"
+    assert acdc.run_name("ceiling", "paper3", 1300, 1000) == "ceiling_it1300"
+    rows = [_acdc_row(acdc, "labeled", 1000, 0.5), _acdc_row(acdc, "labeled_continue", 300, 0.6, "L1"),
+            _acdc_row(acdc, "bcp_continue", 300, 0.7, "L1"), _acdc_row(acdc, "pseudo_continue", 300, 0.65, "L1"),
+            _acdc_row(acdc, "bcp_continue", 500, 0.9, "another L")]  # from another L: not paired
+    results, docs = tmp_path / "acdc.jsonl", tmp_path / "benchmarks.md"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    docs.write_text("# Benchmarks\n")
+    acdc.table(argparse.Namespace(results=str(results), docs=str(docs)))
+    text = docs.read_text()
+    assert text.startswith("# Benchmarks\n") and acdc.TABLE_START in text
+    bcp = [line for line in text.splitlines() if line.startswith("| (b)")]
+    assert "+0.1000 [+0.1000, +0.1000], 5/5" in bcp[0] and "+0.0500 [" in bcp[0]  # vs (a) and vs (c)
+    assert "| 500 | 0.9000 |" in bcp[1] and "+0." not in bcp[1]

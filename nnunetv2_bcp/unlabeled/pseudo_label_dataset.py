@@ -147,6 +147,10 @@ def main(argv=None):
                                         not args.disable_tta)
     maybe_mkdir_p(join(nnUNet_preprocessed, target))
     move_plans_between_datasets(source, target, args.p, args.p)
+    # what nnU-Net's planning writes there and its trainer reads; the fingerprint is the source's, as are the plans
+    shutil.copy(join(nnUNet_raw, target, "dataset.json"), join(nnUNet_preprocessed, target, "dataset.json"))
+    shutil.copy(join(nnUNet_preprocessed, source, "dataset_fingerprint.json"),
+                join(nnUNet_preprocessed, target, "dataset_fingerprint.json"))
     save_json(target_splits(record), join(nnUNet_preprocessed, target, "splits_final.json"))
     preprocess_dataset(args.t, args.p, (args.c,), (args.np,), show_progress_bar=False)
     print(f"{target}: {len(record['labeled'])} labeled, {len(record['pseudo_labeled'])} pseudo-labeled training cases, "
