@@ -35,7 +35,7 @@ a kept model (``--from``, default the seed's ``labeled_k<K>_s<S>``, trained firs
 ``nnUNetv2_bcp_start_from_model`` and train ``--iterations`` more (nnU-Net's poly learning rate restarted; BCP in
 stage 2 from the first epoch, teacher = the model). BCP arms train the paper's configuration (``PAPER`` below: the
 reference's loss alone) changed only by their ``--bcp`` settings, which the run name carries, so that a run's name
-and row keep their meaning when the plugin's defaults change; the plugin's default since session 7 is
+and row keep their meaning when the plugin's defaults change; the plugin's default is
 ``--bcp bcp_labeled_loss_weight=1``. All: ``3d_fullres``, plans ``nnUNetPlans_bs2`` (nnU-Net's plans
 with batch size 2), 25 iterations per epoch, fold 0 of a split whose validation cases (10) are never trained on, test
 cases never used in training. Dice by nnU-Net's evaluation of nnUNetv2_predict's output on the test split

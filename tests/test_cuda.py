@@ -87,10 +87,13 @@ def test_stage_two_step_under_autocast_and_the_scalers_skipped_step(synthetic_3d
     conv = dict(trainer.network.named_parameters())[FIRST_CONV]
     hook = conv.register_hook(lambda grad: torch.full_like(grad, float("inf")))
     try:
-        trainer.stage_two_step(*_batches(trainer, 1))
+        skipped = trainer.stage_two_step(*_batches(trainer, 1))
     finally:
         hook.remove()
     assert trainer.grad_scaler.get_scale() < scale, "the scaler did not see the inf gradient"
+    # routine for mixed precision, as in nnU-Net: the step's finite loss, no warning, nothing counted toward the abort
+    assert np.isfinite(skipped["loss"]) and trainer.bcp_nonfinite_in_a_row == 0
+    assert "non-finite" not in open(trainer.log_file).read()
     assert _same(_weights(trainer.network), student), "the student changed on a skipped step"
     assert _same(_weights(trainer.teacher), teacher), "the EMA teacher changed on a step the grad scaler skipped"
 

@@ -24,11 +24,15 @@ def _gloo_trainer_class():
             self.device, self.grad_scaler = torch.device("cpu"), None
             self.num_epochs, self.bcp_pretrain_epochs, self.bcp_max_pretrain_epochs = 3, 1, 1
             self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 2, 1
-            self.unlabeled_seen = []
+            self.unlabeled_seen, self.directions_drawn = [], []
 
         def stage_two_step(self, batch, unlabeled_batch):
             self.unlabeled_seen.append(unlabeled_batch["data"].clone())
             return super().stage_two_step(batch, unlabeled_batch)
+
+        def draw_directions(self, batch_size):
+            self.directions_drawn.append(super().draw_directions(batch_size))
+            return self.directions_drawn[-1]
 
     return GlooCPUBCP
 
@@ -99,7 +103,8 @@ def _trainer_run_on_rank(rank, out_dir, preprocessed):
         torch.save = real_save
     torch.save({"teacher": trainer.teacher.state_dict(),
                 "student": trainer.network.module.state_dict(),
-                "unlabeled": trainer.unlabeled_seen, "saved": saved, "batch_size": trainer.batch_size,
+                "unlabeled": trainer.unlabeled_seen, "directions": trainer.directions_drawn,
+                "saved": saved, "batch_size": trainer.batch_size,
                 "iteration": trainer.bcp_iteration, "output_folder": trainer.output_folder},
                os.path.join(out_dir, f"trainer_rank{rank}.pt"))
 
@@ -118,6 +123,10 @@ def test_bcp_trainer_on_two_gloo_ranks(synthetic_3d, two_gloo_ranks):
     assert all(u.shape[0] == r["batch_size"] for r in (r0, r1) for u in r["unlabeled"])
     for u0, u1 in zip(r0["unlabeled"], r1["unlabeled"]):
         assert not torch.equal(u0, u1)  # each rank draws its own unlabeled patches
+    # every step's global batch is split in halves between X^in and X^out (one sample per rank here)
+    assert len(r0["directions"]) == len(r1["directions"]) == 4
+    for d0, d1 in zip(r0["directions"], r1["directions"]):
+        assert int(d0.sum() + d1.sum()) in {global_batch // 2, (global_batch + 1) // 2}
     for key, value in r0["student"].items():
         assert torch.equal(value, r1["student"][key]), key
     for key, value in r0["teacher"].items():

@@ -456,10 +456,9 @@ def test_benchmark_run_jobs_starts_nothing_after_the_deadline(tmp_path, capsys):
     assert open(join(str(tmp_path), "job0.out")).read() == "ran\n"
 
 
-def test_device_protocol_script_schedules_the_missing_runs_of_issue_12(tmp_path):
+def test_device_protocol_script_schedules_the_missing_runs(tmp_path):
     """examples/device/protocol.sh on the CPU, --dry-run. By default K=4: L of every seed, then (a) and (b) in the
-    plugin's default configuration of every seed. With the first session's settings (K=2, the paper's (b), two
-    candidates): L, (a) and (b), then the supervised-term candidate, then the weak-view candidate."""
+    plugin's default configuration of every seed. With K=2, the paper's (b) and two candidates: L, (a) and (b), then the supervised-term candidate, then the weak-view candidate."""
     import subprocess
     import sys
     script = os.path.join(EXAMPLES, "device", "protocol.sh")

@@ -75,3 +75,18 @@ def test_stage1_partner_is_the_next_sample():
     x = torch.arange(3.0).view(3, 1, 1, 1)
     assert labeled_partner(x).flatten().tolist() == [1.0, 2.0, 0.0]
     assert labeled_partner(x[:1]).flatten().tolist() == [0.0]
+
+
+@pytest.mark.parametrize("rank_batch_sizes", [(1, 1), (2, 1), (3, 3, 2)])
+def test_ranks_draw_their_shares_of_balanced_global_directions(rank_batch_sizes):
+    """DDP: every rank draws with a generator seeded alike; together the ranks' samples split the global batch in
+    halves at every step (one sample per rank drawn independently would do so only half of the time)."""
+    total = sum(rank_batch_sizes)
+    offsets = [sum(rank_batch_sizes[:r]) for r in range(len(rank_batch_sizes))]
+    for step in range(50):
+        draws = [inward_directions(b, torch.Generator().manual_seed(step), rank_offset=o, global_batch_size=total)
+                 for b, o in zip(rank_batch_sizes, offsets)]
+        assert [len(d) for d in draws] == list(rank_batch_sizes)
+        assert int(torch.cat(draws).sum()) in {total // 2, (total + 1) // 2}
+    with pytest.raises(ValueError, match="fit in the global batch"):
+        inward_directions(2, rank_offset=1, global_batch_size=2)

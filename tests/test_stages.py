@@ -108,8 +108,7 @@ def test_supervised_term_adds_nnunets_loss_on_the_unmixed_labeled_patches(traine
     assert trainer.bcp_settings()["bcp_labeled_loss_weight"] == 0.5
 
 
-@pytest.mark.parametrize("name, weight", [("nnUNetTrainerBCP_referenceLoss", 0.0),
-                                          ("nnUNetTrainerBCP_labeledLoss", 1.0), ("nnUNetTrainerBCP", 1.0)])
+@pytest.mark.parametrize("name, weight", [("nnUNetTrainerBCP_referenceLoss", 0.0), ("nnUNetTrainerBCP", 1.0)])
 def test_the_supervised_term_variants_are_found_by_name_through_the_trainer_folder(synthetic_3d, monkeypatch, name,
                                                                                    weight):
     """``nnUNetv2_train … -tr nnUNetTrainerBCP_referenceLoss`` (the paper's loss alone) finds it as nnU-Net finds any

@@ -279,6 +279,54 @@ def test_nonfinite_loss_skips_the_step_names_the_cases_and_keeps_the_teacher(tra
         trainer.stage_two_step(labeled, unlabeled)
 
 
+class _StandInGradScaler:
+    """What torch's GradScaler does on CUDA, for the CPU: on a step whose unscaled gradients are not finite it skips
+    ``optimizer.step`` and lowers its scale."""
+    def __init__(self):
+        self.scale_factor, self.skipped = 1024.0, 0
+
+    def scale(self, loss):
+        return loss
+
+    def unscale_(self, optimizer):
+        pass
+
+    def step(self, optimizer):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if all(torch.isfinite(g).all() for g in grads):
+            optimizer.step()
+        else:
+            self.skipped += 1
+
+    def update(self):
+        if self.skipped:
+            self.scale_factor /= 2
+
+
+def test_a_step_the_grad_scaler_skips_is_routine_not_a_failure(trainer):
+    """Mixed precision: fp16 gradients that overflow from a finite loss make the scaler skip the step; nnU-Net goes
+    on silently. BCP returns the step's finite loss, warns about nothing, counts nothing toward the abort, and leaves
+    student and teacher as they were."""
+    trainer.grad_scaler = _StandInGradScaler()
+    trainer.bcp_nonfinite_in_a_row, trainer.bcp_max_nonfinite_steps = 0, 1
+    iteration = trainer.bcp_iteration
+    student, teacher = copy.deepcopy(trainer.network.state_dict()), copy.deepcopy(trainer.teacher.state_dict())
+    conv = dict(trainer.network.named_parameters())[FIRST_CONV]
+    hook = conv.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    log_before = open(trainer.log_file).read()
+    try:
+        out = trainer.stage_two_step(*_batches(trainer, 0))
+        out = trainer.stage_two_step(*_batches(trainer, 1))  # a second in a row: still no abort
+    finally:
+        hook.remove()
+        trainer.grad_scaler = None
+    assert np.isfinite(out["loss"]) and np.isfinite(out["bcp"]["bcp_loss_labeled"].item())
+    assert trainer.bcp_nonfinite_in_a_row == 0 and trainer.bcp_iteration == iteration
+    assert open(trainer.log_file).read() == log_before  # no warning naming the cases
+    assert all(torch.equal(v, student[k]) for k, v in trainer.network.state_dict().items())
+    assert all(torch.equal(v, teacher[k]) for k, v in trainer.teacher.state_dict().items())
+
+
 def test_a_teacher_that_misses_classes_is_reported(trainer):
     seg_layer = trainer.teacher.decoder.seg_layers[-1]
     with torch.no_grad():  # a teacher that predicts background everywhere

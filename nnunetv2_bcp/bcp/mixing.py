@@ -10,19 +10,26 @@ from typing import Optional
 import torch
 
 
-def inward_directions(batch_size: int, generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
+def inward_directions(batch_size: int, generator: Optional[torch.Generator] = None, device=None,
+                      rank_offset: int = 0, global_batch_size: Optional[int] = None) -> torch.Tensor:
     """Bool (B,): True for ``X^in`` samples, False for ``X^out``, drawn at random.
 
     Half of the batch goes each way; for an odd batch size a fair coin gives the spare sample to one direction
     (batch size 1: ``X^in`` or ``X^out``). Which samples go in is a random permutation: nnU-Net's loader puts
     its foreground-forced patches at the end of every batch, and a fixed order would always put them in the same
     direction (e.g. with batch size 2 the forced patch would always be ``X^out``, keeping only its box).
+
+    Under DDP the halves are those of the global batch: every rank draws the same permutation of
+    ``global_batch_size`` samples (a ``generator`` seeded alike on every rank) and takes its ``batch_size`` samples
+    from ``rank_offset`` on; drawn per rank, one sample per rank would send half of the global batches one way.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    num_in = batch_size // 2 + int(batch_size % 2 and torch.randint(0, 2, (1,), generator=generator).item())
-    order = torch.randperm(batch_size, generator=generator)
-    return (order < num_in).to(device)
+    total = batch_size if global_batch_size is None else global_batch_size
+    if batch_size < 1 or not 0 <= rank_offset <= total - batch_size:
+        raise ValueError(f"batch size must be >= 1 and fit in the global batch of {total} from offset {rank_offset}, "
+                         f"got {batch_size}")
+    num_in = total // 2 + int(total % 2 and torch.randint(0, 2, (1,), generator=generator).item())
+    order = torch.randperm(total, generator=generator)
+    return (order[rank_offset:rank_offset + batch_size] < num_in).to(device)
 
 
 def labeled_origin(mask: torch.Tensor, inward: torch.Tensor) -> torch.Tensor:

@@ -86,6 +86,7 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
         self.bcp_max_nonfinite_steps = 10
         self.bcp_nonfinite_in_a_row = 0
         self.bcp_student_train_dice = None  # per class, on labeled training patches, after the last stage-1 epoch
+        self.bcp_rank_batch_sizes = None  # under DDP: every rank's batch size, in rank order
 
     # ------------------------------------------------------------------ set-up
     def bcp_settings(self) -> dict:
@@ -189,6 +190,10 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
     def on_train_start(self):
         self.check_stage_lengths()
         super().on_train_start()
+        if self.is_ddp:  # for the directions of the global batch (draw_directions)
+            import torch.distributed as dist
+            self.bcp_rank_batch_sizes = [None] * dist.get_world_size()
+            dist.all_gather_object(self.bcp_rank_batch_sizes, self.batch_size)
         settings = self.bcp_settings()
         if self.local_rank == 0:
             remove_stale_checkpoint_temporaries(self.output_folder)
@@ -321,6 +326,16 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
             labels = torch.cat([labels, torch.zeros_like(labels[:, :1])], 1)
         return labels
 
+    def draw_directions(self, batch_size: int) -> torch.Tensor:
+        """Which samples of this step are ``X^in``: half of the batch, or under DDP half of the global batch (every
+        rank draws the same permutation, seeded by the step, which all ranks count alike, and takes its share)."""
+        if self.bcp_rank_batch_sizes is None:
+            return inward_directions(batch_size)
+        rank = self.local_rank
+        return inward_directions(batch_size, torch.Generator().manual_seed(self.bcp_iteration),
+                                 rank_offset=sum(self.bcp_rank_batch_sizes[:rank]),
+                                 global_batch_size=sum(self.bcp_rank_batch_sizes))
+
     def stage_two_step(self, batch: dict, unlabeled_batch: dict) -> dict:
         """Teacher pseudo-labels, bidirectional copy-paste, α-weighted loss at every scale, SGD step, EMA."""
         labeled = batch['data'].to(self.device, non_blocking=True)
@@ -333,7 +348,7 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
             pseudo = self.make_pseudo_labels(unlabeled)
 
         batch_size = labeled.shape[0]
-        inward = inward_directions(batch_size)  # on the CPU: the loss decides per direction without a device sync
+        inward = self.draw_directions(batch_size)  # on the CPU: the loss decides per direction without a device sync
         from_labeled = labeled_origin(self._random_mask(batch_size), inward.to(self.device, non_blocking=True))
         masks = [downsample_mask(from_labeled, t.shape[2:]) for t in targets]
         mixed = mix_by_origin(labeled, unlabeled, from_labeled)
@@ -357,11 +372,13 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
                 supervised_loss = self.loss(labeled_outputs if deep_supervision else labeled_outputs[0],
                                             targets if deep_supervision else targets[0])
                 loss = loss + self.bcp_labeled_loss_weight * supervised_loss
-        if not self._backward_and_step(loss):
+        stepped = self._backward_and_step(loss)
+        if not stepped and not self._grad_scaler_overflow(loss):
             return self._skip_nonfinite_step(loss, batch, unlabeled_batch)
         self.bcp_nonfinite_in_a_row = 0
-        ema_update_(self.teacher, self.network, self.bcp_ema_decay)
-        self.bcp_iteration += 1
+        if stepped:  # after a step the grad scaler skipped, the student is unchanged and the teacher stays too
+            ema_update_(self.teacher, self.network, self.bcp_ema_decay)
+            self.bcp_iteration += 1
         return {'loss': loss.detach().cpu().numpy(),
                 'bcp': step_figures(mixed_outputs[0], mixed_targets[0], masks[0], pseudo, targets[0], terms,
                                     self.label_manager)}
@@ -385,14 +402,32 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
             self.optimizer.step()
         return finite
 
+    def _grad_scaler_overflow(self, loss: torch.Tensor) -> bool:
+        """Non-finite gradients from a finite loss (on every rank) under mixed precision: the routine overflow of the
+        scaled fp16 gradients, after which the grad scaler skipped the step and lowered its scale; nnU-Net goes on
+        silently, and so does BCP. Called on every rank alike (the gradients, hence the decision to call, are the
+        same on all ranks after DDP's all-reduce), so the all-reduce of the loss's finiteness here cannot hang."""
+        if self.grad_scaler is None:
+            return False
+        finite = torch.isfinite(loss.detach()).float()
+        if self.is_ddp:
+            import torch.distributed as dist
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item())
+
     def _skip_nonfinite_step(self, loss: torch.Tensor, batch: dict, unlabeled_batch: dict) -> dict:
         """No optimizer step and no EMA update on non-finite gradients (the teacher stays clean); name the cases.
         Stops training after ``bcp_max_nonfinite_steps`` such steps in a row (on every rank: the decision is the
         same everywhere)."""
         self.optimizer.zero_grad(set_to_none=True)
         self.bcp_nonfinite_in_a_row += 1
-        origin = (f"loss {loss.item()} on this rank" if not torch.isfinite(loss) else
-                  f"loss {loss.item():.4f} on this rank, non-finite gradients from another rank")
+        if not torch.isfinite(loss):
+            origin = f"loss {loss.item()}" + (" on this rank" if self.is_ddp else "")
+        elif self.grad_scaler is not None:  # under DDP: another rank's loss was not finite
+            origin = f"loss {loss.item():.4f} on this rank, a non-finite loss on another rank"
+        else:
+            origin = f"loss {loss.item():.4f}" + (" on this rank, non-finite gradients from another rank" if self.is_ddp
+                                                  else ", non-finite gradients")
         message = (f"BCP: non-finite gradients at epoch {self.current_epoch} ({origin}; labeled cases "
                    f"{list(batch['keys'])}, unlabeled cases {list(unlabeled_batch['keys'])}); step skipped, teacher "
                    f"not updated")

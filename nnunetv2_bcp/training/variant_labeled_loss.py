@@ -1,5 +1,6 @@
 """Variants of the supervised term: nnU-Net's loss on the un-mixed labeled patches beside the BCP loss in stage 2
-(``bcp_labeled_loss_weight``, 1 by default since it was chosen on the label-scarce benchmark; docs/benchmarks.md)."""
+(``bcp_labeled_loss_weight``, 1 by default: chosen on the label-scarce benchmark's validation cases;
+docs/benchmarks.md)."""
 import torch
 
 from nnunetv2_bcp.training.nnUNetTrainerBCP import nnUNetTrainerBCP
@@ -15,12 +16,3 @@ class nnUNetTrainerBCP_referenceLoss(nnUNetTrainerBCP):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.bcp_labeled_loss_weight = 0.0
 
-
-class nnUNetTrainerBCP_labeledLoss(nnUNetTrainerBCP):
-    """The supervised term with weight 1, as the default now has it; kept so that models trained under this name
-    (before it became the default) still predict and resume with ``-tr nnUNetTrainerBCP_labeledLoss``."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.bcp_labeled_loss_weight = 1.0
