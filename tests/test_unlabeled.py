@@ -430,3 +430,29 @@ def test_raw_folder_without_unlabeled_images_uses_the_manifest(dataset_copy):
     os.remove(join(folder, "unl_002.pkl"))
     with pytest.raises(UnlabeledDataError, match="unl_002: files missing"):
         unlabeled_cases_for_training(ds["plans"], "3d_fullres", ds["dataset_json"], ds["raw"], ds["preprocessed"])
+
+
+def test_a_label_subset_in_effect_is_said_at_the_start_and_recorded(dataset_copy):
+    """A subset file left in the preprocessed folder changes every later training on the dataset: each start says
+    so in the log, and BCP records it in bcp_settings.json and its checkpoints (its settings)."""
+    from nnunetv2_bcp import nnUNetTrainerBCP
+    ds = dataset_copy
+    ids = [f"case_{i:03d}" for i in range(6)]
+    splits = [{"train": ids[:5], "val": ids[5:]}]
+    save_json(splits, join(ds["preprocessed"], "splits_final.json"))
+    subset = choose_label_subset(ids, splits, num_labeled=2, seed=1)
+    save_json(subset, join(ds["preprocessed"], LABEL_SUBSET_FILE))
+    trainer = nnUNetTrainerBCP(dict(ds["plans"], continue_training=False), "3d_fullres", 0, ds["dataset_json"],
+                               torch.device("cpu"))
+    trainer.preprocessed_dataset_folder_base = ds["preprocessed"]
+    trainer.preprocessed_dataset_folder = join(ds["preprocessed"], "nnUNetPlans_3d_fullres")
+    trainer.initialize()
+    training, _ = trainer.get_tr_and_val_datasets()
+    assert sorted(training.identifiers) == subset["folds"]["0"]["labeled"]
+    recorded = trainer.bcp_settings()["label_subset"]
+    assert recorded == {"file": join(ds["preprocessed"], LABEL_SUBSET_FILE), "fold": "0",
+                        "labeled": subset["folds"]["0"]["labeled"],
+                        "num_label_dropped": len(subset["folds"]["0"]["unlabeled"])}
+    assert trainer.bcp_state()["settings"]["label_subset"] == recorded
+    log = open(trainer.log_file).read()
+    assert "WARNING: label subset in effect" in log and "nnUNetv2_bcp_label_subset -d Dataset990_BCPSynthetic --remove" in log

@@ -98,7 +98,8 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
                 "bcp_largest_component": self.bcp_largest_component, "num_epochs": self.num_epochs,
                 "num_iterations_per_epoch": self.num_iterations_per_epoch,
                 "num_val_iterations_per_epoch": self.num_val_iterations_per_epoch,
-                "batch_size": self.configuration_manager.batch_size, "box_stride": list(self.bcp_box_stride())}
+                "batch_size": self.configuration_manager.batch_size, "box_stride": list(self.bcp_box_stride()),
+                "label_subset": self.label_subset_in_use}
 
     def initialize(self):
         if self.is_cascaded:

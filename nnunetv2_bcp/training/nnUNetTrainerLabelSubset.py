@@ -10,7 +10,10 @@ from nnunetv2_bcp.unlabeled.raw import UnlabeledDataError
 
 class LabelSubsetMixin:
     """Restricts a trainer's labeled training cases to the fold's entry of ``bcp_label_subset.json`` (if present);
-    nnU-Net's split and validation cases stay as they are."""
+    nnU-Net's split and validation cases stay as they are. A subset in effect is said in the log at every start and
+    recorded (``label_subset_in_use``; BCP writes it into ``bcp_settings.json`` and its checkpoints): a file left
+    from an experiment would otherwise turn every later training on the dataset into a label-scarce one."""
+    label_subset_in_use = None
 
     def _label_subset_of_fold(self):
         path = label_subset_path(self.preprocessed_dataset_folder_base)
@@ -30,8 +33,13 @@ class LabelSubsetMixin:
                                          f"cases {outside[:5]} are not training cases of fold {self.fold}")
             dataset_tr = self.dataset_class(self.preprocessed_dataset_folder, list(subset["labeled"]),
                                             self.folder_with_segs_from_previous_stage)
-            self.print_to_log_file(f"Label subset: {len(subset['labeled'])} labeled training cases, "
-                                   f"{len(subset['unlabeled'])} training cases with their labels dropped")
+            path = label_subset_path(self.preprocessed_dataset_folder_base)
+            self.label_subset_in_use = {"file": path, "fold": str(self.fold), "labeled": list(subset["labeled"]),
+                                        "num_label_dropped": len(subset["unlabeled"])}
+            self.print_to_log_file(
+                f"WARNING: label subset in effect ({path}): {len(subset['labeled'])} labeled training cases, "
+                f"{len(subset['unlabeled'])} training cases with their labels dropped. To train on every label, "
+                f"remove it: nnUNetv2_bcp_label_subset -d {self.plans_manager.dataset_name} --remove")
         return dataset_tr, dataset_val
 
 
