@@ -61,8 +61,8 @@ CONTINUE_ARMS = ("labeled_continue", "bcp_continue", "pseudo_continue")
 # subset, (c) and (e) on every training case of their dataset, (b) and (d) are BCP
 ARM_TRAINERS = {"labeled": "BenchLabeled", "labeled_continue": "BenchLabeled", "bcp_continue": "BenchBCP",
                 "pseudo_continue": "BenchCeiling", "bcp": "BenchBCP", "ceiling": "BenchCeiling"}
-# BenchBCP trains the paper's loss changed by its settings: these make it the plugin's defaults
-PLUGIN_DEFAULTS = {"bcp_labeled_loss_weight": 1}
+# BenchBCP trains the paper's configuration changed by its settings: these make it the plugin's defaults
+PLUGIN_DEFAULTS = {"bcp_labeled_loss_weight": 1, "bcp_largest_component": "auto"}
 
 
 # ------------------------------------------------------------------------------------------------------- data

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from nnunetv2_bcp.bcp import keep_largest_component, pseudo_labels
+from nnunetv2_bcp.bcp import keep_largest_component, pseudo_labels, single_component_share
 
 # the largest-component tests run both implementations: cc3d on the CPU and tensor operations (used on CUDA)
 both_filters = pytest.mark.parametrize("on_device", [False, True], ids=["cc3d", "tensor_ops"])
@@ -162,3 +162,31 @@ def test_component_masks_of_non_bool_maps_empty_batches_float64_and_chunks(monke
     monkeypatch.setattr(module, "FLOAT32_EXACT_VOXELS", 10)  # numbers in float64
     monkeypatch.setattr(module, "CHUNK_VOXELS", 6 * 7 * 8 * 2)  # six maps (3 samples x 2 classes) in chunks of two
     assert torch.equal(keep_largest_component(seg, on_device=True), expected)
+
+
+@both_filters
+def test_only_the_chosen_classes_are_filtered(on_device):
+    """A class of many instances (class 2: two blobs) keeps all of them when it is not among the filtered classes."""
+    seg = torch.tensor([[1, 1, 0, 1, 0, 2],
+                        [1, 1, 0, 0, 0, 0],
+                        [0, 0, 0, 2, 2, 0],
+                        [0, 0, 0, 2, 2, 0]], dtype=torch.int16).view(1, 1, 4, 6)
+    out = keep_largest_component(seg, on_device=on_device, classes=[1])
+    assert out[0, 0, 0].tolist() == [1, 1, 0, 0, 0, 2] and torch.equal(out[0, 0, 1:], seg[0, 0, 1:])
+    assert torch.equal(keep_largest_component(seg, on_device=on_device, classes=[]), seg)
+    regions = torch.stack([seg == 1, seg == 2], 1)[:, :, 0]  # (B, R, H, W): region 1 (class 2) not filtered
+    kept = keep_largest_component(regions, region_based=True, on_device=on_device, classes=[0])
+    assert torch.equal(kept[:, 1], regions[:, 1]) and kept[:, 0].sum() == 4
+
+
+def test_single_component_share_per_case_and_per_slice():
+    one_blob = np.zeros((3, 6, 6), np.int16)
+    one_blob[:, 1:3, 1:3] = 1
+    two_blobs = one_blob.copy()
+    two_blobs[:, 4:6, 4:6] = 2
+    two_blobs[:, 0, 5] = 2   # class 2: two blobs in every slice
+    two_blobs[0, 0, 0] = -1  # outside the image: neither background nor a class
+    share = single_component_share([one_blob, two_blobs], {1: [1], 2: [2], 3: [3], 4: [1, 2]})
+    assert share == {1: 1.0, 2: 0.0, 3: None, 4: 0.5}
+    assert single_component_share([two_blobs], {2: [2]}, per_slice=True) == {2: 0.0}
+    assert single_component_share([two_blobs[:1, 4:]], {2: [2]}, per_slice=True) == {2: 1.0}

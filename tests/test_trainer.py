@@ -160,7 +160,8 @@ def test_refused_without_unlabeled_images_then_a_label_subset_trains_without_rea
             f.write(b"destroyed")
     result = run_cli("nnUNetv2_train", "994", "3d_fullres", "0", "-tr", "nnUNetTrainerBCP_test", "-device", "cpu",
                      env=dict(env, BCP_TEST_EPOCHS="3"))
-    assert "Label subset: 2 labeled training cases, 6 training cases with their labels dropped" in result.stdout
+    assert "label subset in effect" in result.stdout
+    assert "2 labeled training cases, 6 training cases with their labels dropped" in result.stdout
     assert "BCP unlabeled stream: 6 cases" in result.stdout and "BCP stage 2" in result.stdout
 
 
@@ -313,6 +314,7 @@ def test_a_step_the_grad_scaler_skips_is_routine_not_a_failure(trainer):
     student, teacher = copy.deepcopy(trainer.network.state_dict()), copy.deepcopy(trainer.teacher.state_dict())
     conv = dict(trainer.network.named_parameters())[FIRST_CONV]
     hook = conv.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    trainer.largest_component_classes()  # decided once, with a log line of its own
     log_before = open(trainer.log_file).read()
     try:
         out = trainer.stage_two_step(*_batches(trainer, 0))
@@ -322,7 +324,7 @@ def test_a_step_the_grad_scaler_skips_is_routine_not_a_failure(trainer):
         trainer.grad_scaler = None
     assert np.isfinite(out["loss"]) and np.isfinite(out["bcp"]["bcp_loss_labeled"].item())
     assert trainer.bcp_nonfinite_in_a_row == 0 and trainer.bcp_iteration == iteration
-    assert open(trainer.log_file).read() == log_before  # no warning naming the cases
+    assert open(trainer.log_file).read() == log_before  # nothing logged: no warning naming the cases
     assert all(torch.equal(v, student[k]) for k, v in trainer.network.state_dict().items())
     assert all(torch.equal(v, teacher[k]) for k, v in trainer.teacher.state_dict().items())
 
@@ -421,3 +423,54 @@ def test_bcp_settings_reach_nnunets_weights_and_biases_logger(trainer, monkeypat
     config = trainer.logger.loggers[0].run.config
     assert {k: config[k] for k in ("bcp_alpha", "bcp_ema_decay", "bcp_pretrain_epochs")} == {
         "bcp_alpha": 0.5, "bcp_ema_decay": 0.99, "bcp_pretrain_epochs": trainer.pretrain_epochs()}
+
+
+class _SegmentationsOnly:
+    """Stands in for nnU-Net's dataset class: reference segmentations of labeled cases, (1, *spatial) like nnU-Net's."""
+    def __init__(self, segmentations):
+        self.segmentations = segmentations
+
+    def __call__(self, folder, identifiers):
+        self.identifiers = identifiers
+        return self
+
+    def load_case(self, identifier):
+        return None, self.segmentations[identifier][None], None, {}
+
+
+def test_the_largest_component_filter_is_chosen_per_class_from_the_labeled_cases(trainer, monkeypatch):
+    """Class 1 forms one component in the labeled cases, class 2 (say lesions) two: "auto" filters class 1 only, and
+    a pseudo-label map with two blobs of class 2 keeps both."""
+    shape = tuple(trainer.configuration_manager.patch_size)
+    segmentations = {}
+    for case in ("a", "b", "c"):
+        seg = np.zeros(shape, np.int16)
+        seg[2:8, 2:8, 2:8] = 1
+        seg[-6:-2, -6:-2, -6:-2] = 2
+        seg[-6:-2, 2:6, -6:-2] = 2
+        segmentations[case] = seg
+    monkeypatch.setattr(trainer, "dataset_class", _SegmentationsOnly(segmentations))
+    monkeypatch.setattr(trainer, "labeled_training_identifiers", ["a", "b", "c"], raising=False)
+    monkeypatch.setattr(trainer, "bcp_largest_component", "auto")
+    monkeypatch.setattr(trainer, "bcp_largest_component_classes", None)
+    assert trainer.largest_component_classes() == [1]
+    assert trainer.bcp_settings()["bcp_largest_component_classes"] == [1]
+    assert "largest component for classes [1] of [1, 2]" in open(trainer.log_file).read()
+    teacher_output = torch.from_numpy(segmentations["a"]).long()
+    teacher_output[0, 0, 0] = 1  # a stray voxel of the filtered class
+    logits = torch.nn.functional.one_hot(teacher_output, 3).permute(3, 0, 1, 2)[None].float() * 10
+    with torch.no_grad():
+        monkeypatch.setattr(trainer, "teacher", lambda x: logits)
+        labels = trainer.make_pseudo_labels(torch.zeros(1, 1, *shape))
+    assert labels[0, 0, 0, 0, 0] == 0 and (labels == 1).sum() == 6 ** 3
+    assert (labels == 2).sum() == 2 * 4 ** 3  # both instances of class 2 kept
+
+    for setting, chosen in ((True, [1, 2]), (False, []), ([2], [2])):
+        monkeypatch.setattr(trainer, "bcp_largest_component", setting)
+        monkeypatch.setattr(trainer, "bcp_largest_component_classes", None)
+        assert trainer.largest_component_classes() == chosen
+    monkeypatch.setattr(trainer, "bcp_largest_component", [3])
+    monkeypatch.setattr(trainer, "bcp_largest_component_classes", None)
+    with pytest.raises(SystemExit, match=r"bcp_largest_component=\[3\]: expected 'auto', True, False or a list of "
+                                         r"classes among \[1, 2\]"):
+        trainer.largest_component_classes()

@@ -1,5 +1,5 @@
 """Pseudo-labels from teacher logits, with optional largest-connected-component filtering (BCP.md, step 2)."""
-from typing import Optional
+from typing import Dict, Iterable, Optional, Sequence
 
 import cc3d
 import numpy as np
@@ -117,14 +117,26 @@ def _keep_largest_component_on_device(segmentation: torch.Tensor, region_based: 
 
 
 def keep_largest_component(segmentation: torch.Tensor, region_based: bool = False,
-                           on_device: Optional[bool] = None) -> torch.Tensor:
+                           on_device: Optional[bool] = None, classes: Optional[Sequence[int]] = None) -> torch.Tensor:
     """Remove all but the largest connected component of each class (label maps) or each region channel.
 
     Per sample, 2D (B, C, H, W) or 3D (B, C, D, H, W); removed voxels become background (0 / False); a class
     that is absent stays absent. Returns a tensor on the input's device and dtype. ``on_device``: filter with tensor
     operations where the tensor is (:func:`largest_component_masks`) instead of with cc3d on the CPU; by default on
-    CUDA tensors only (on the CPU cc3d is faster; both give the same result).
+    CUDA tensors only (on the CPU cc3d is faster; both give the same result). ``classes``: filter only these label
+    values (region channel indices); the others stay as they are (None: all).
     """
+    if classes is not None:
+        classes = sorted(set(int(c) for c in classes))
+        if not classes:
+            return segmentation
+        filtered = keep_largest_component(segmentation, region_based, on_device)
+        if region_based:
+            out = segmentation.clone()
+            out[:, classes] = filtered[:, classes]
+            return out
+        chosen = torch.isin(segmentation, torch.tensor(classes, device=segmentation.device, dtype=segmentation.dtype))
+        return torch.where(chosen, filtered, segmentation)  # classes do not overlap: a filtered class only loses voxels
     if on_device is None:
         on_device = segmentation.is_cuda
     if on_device:
@@ -141,3 +153,26 @@ def keep_largest_component(segmentation: torch.Tensor, region_based: bool = Fals
         else:
             out[b, 0] = _largest_component_per_label(array[b, 0])
     return torch.from_numpy(out).to(device=segmentation.device, dtype=segmentation.dtype)
+
+
+def single_component_share(segmentations: Iterable[np.ndarray], class_masks: Dict[int, Sequence[int]],
+                           per_slice: bool = False) -> Dict[int, Optional[float]]:
+    """Per class, the share of its occurrences in reference segmentations that form one connected component.
+
+    ``segmentations``: label maps (2D or 3D, background and -1 outside the image count as neither); ``class_masks``:
+    class (label value or region index) -> the label values it covers. An occurrence is a case holding the class or,
+    with ``per_slice`` (what a 2D configuration's patches see), a first-axis slice holding it. None for a class that
+    never occurs.
+    """
+    counts = {c: [0, 0] for c in class_masks}  # [occurrences, single-component occurrences]
+    for segmentation in segmentations:
+        planes = list(segmentation) if per_slice else [segmentation]
+        for plane in planes:
+            connectivity = 26 if plane.ndim == 3 else 8
+            for c, values in class_masks.items():
+                mask = np.isin(plane, values)
+                if mask.any():
+                    counts[c][0] += 1
+                    counts[c][1] += int(cc3d.connected_components(mask.astype(np.uint8), connectivity=connectivity,
+                                                                  return_N=True)[1] == 1)
+    return {c: (single / total if total else None) for c, (total, single) in counts.items()}

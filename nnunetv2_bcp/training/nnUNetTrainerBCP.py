@@ -19,7 +19,7 @@ from torch import autocast
 
 from nnunetv2_bcp.bcp import (BCPLoss, bcp_total, copy_paste, downsample_mask, ema_update_, inward_directions,
                               keep_largest_component, labeled_origin, labeled_partner, mix_by_origin, pseudo_labels,
-                              random_box_mask, unwrap_network)
+                              random_box_mask, single_component_share, unwrap_network)
 from nnunetv2_bcp.training.diagnostics import (LOW_PSEUDO_LABEL_SHARE, classes_below_share, epoch_figures,
                                                record_progress, skipped_step_figures, step_figures)
 from nnunetv2_bcp.training.checkpoint import (incompatibility, loading, remove_stale_checkpoint_temporaries,
@@ -39,6 +39,11 @@ PRETRAIN_FRACTION = 0.2
 # this, up to this share of the schedule: a teacher that cannot see a class teaches the student to miss it.
 PRETRAIN_MIN_DICE = 0.1
 MAX_PRETRAIN_FRACTION = 0.5
+# bcp_largest_component = "auto": a class keeps only its largest pseudo-label component when its reference labels form
+# one component in at least this share of their occurrences (cases; slices for 2d) among the first labeled cases:
+# for a class of many instances (lesions, nodules) the filter would train every other instance as background.
+SINGLE_COMPONENT_SHARE = 0.5
+LARGEST_COMPONENT_SAMPLE_CASES = 100
 
 
 # The settings of the stage-2 method, each with the value it had before it existed (None: it always existed). A
@@ -60,7 +65,9 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
     labeled training patches is below the former; 0 turns this off), ``bcp_alpha`` (weight of unlabeled-origin
     voxels, 0.5), ``bcp_labeled_loss_weight`` (nnU-Net's loss on the un-mixed labeled patches beside the BCP loss,
     1; 0 = the paper's loss alone), ``bcp_teacher_weak_view`` (the teacher labels a view without intensity
-    augmentation), ``bcp_ema_decay`` (λ, 0.99), ``bcp_mask_ratio`` (β, 2/3), ``bcp_largest_component`` (filter pseudo-labels),
+    augmentation), ``bcp_ema_decay`` (λ, 0.99), ``bcp_mask_ratio`` (β, 2/3), ``bcp_largest_component`` (keep the largest
+    component of a class's pseudo-labels: "auto" per class from the labeled cases, True, False, or a list of label
+    values / region indices),
     plus nnU-Net's ``num_epochs``, ``num_iterations_per_epoch``, ``num_val_iterations_per_epoch``.
     """
 
@@ -77,7 +84,8 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
         self.bcp_teacher_weak_view = False
         self.bcp_ema_decay = 0.99
         self.bcp_mask_ratio = 2 / 3
-        self.bcp_largest_component = True
+        self.bcp_largest_component = "auto"
+        self.bcp_largest_component_classes = None  # what the setting resolves to (largest_component_classes())
         self.teacher = None
         self.bcp_loss = None
         self.dataloader_unlabeled = None
@@ -95,7 +103,8 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
                 "bcp_labeled_loss_weight": self.bcp_labeled_loss_weight,
                 "bcp_teacher_weak_view": self.bcp_teacher_weak_view,
                 "bcp_ema_decay": self.bcp_ema_decay, "bcp_mask_ratio": self.bcp_mask_ratio,
-                "bcp_largest_component": self.bcp_largest_component, "num_epochs": self.num_epochs,
+                "bcp_largest_component": self.bcp_largest_component,
+                "bcp_largest_component_classes": self.bcp_largest_component_classes, "num_epochs": self.num_epochs,
                 "num_iterations_per_epoch": self.num_iterations_per_epoch,
                 "num_val_iterations_per_epoch": self.num_val_iterations_per_epoch,
                 "batch_size": self.configuration_manager.batch_size, "box_stride": list(self.bcp_box_stride()),
@@ -191,6 +200,7 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
     def on_train_start(self):
         self.check_stage_lengths()
         super().on_train_start()
+        self.largest_component_classes()  # decided (and a wrong setting refused) before any training
         if self.is_ddp:  # for the directions of the global batch (draw_directions)
             import torch.distributed as dist
             self.bcp_rank_batch_sizes = [None] * dist.get_world_size()
@@ -321,8 +331,10 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
             logits = _as_list(self.teacher(unlabeled))[0]
         regions = self.label_manager.has_regions
         labels = pseudo_labels(logits.float(), region_based=regions)
-        if self.bcp_largest_component:
-            labels = keep_largest_component(labels, region_based=regions)
+        classes = self.largest_component_classes()
+        if classes:
+            every_class = len(classes) == len(self._foreground_classes())
+            labels = keep_largest_component(labels, region_based=regions, classes=None if every_class else classes)
         if regions and self.label_manager.has_ignore_label:
             labels = torch.cat([labels, torch.zeros_like(labels[:, :1])], 1)
         return labels
@@ -336,6 +348,45 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
         return inward_directions(batch_size, torch.Generator().manual_seed(self.bcp_iteration),
                                  rank_offset=sum(self.bcp_rank_batch_sizes[:rank]),
                                  global_batch_size=sum(self.bcp_rank_batch_sizes))
+
+    def _class_masks(self) -> dict:
+        """Class of the pseudo-labels (label value; region: channel index) -> the reference label values it covers."""
+        lm = self.label_manager
+        if lm.has_regions:
+            return {i: [int(v) for v in _as_list(region)] for i, region in enumerate(lm.foreground_regions)}
+        return {int(v): [int(v)] for v in lm.foreground_labels}
+
+    def largest_component_classes(self) -> list:
+        """The classes whose pseudo-labels keep only their largest connected component (``bcp_largest_component``):
+        all (True), none (False), those listed, or ("auto") those whose reference labels in the labeled training cases
+        usually form one component. Decided once and logged."""
+        if self.bcp_largest_component_classes is not None:
+            return self.bcp_largest_component_classes
+        setting, classes = self.bcp_largest_component, self._class_masks()
+        if setting is True or setting is False:
+            chosen = sorted(classes) if setting else []
+        elif setting == "auto":
+            chosen = self._single_component_classes(classes)
+        else:
+            unknown = sorted(set(_as_list(setting)) - set(classes))
+            if unknown or isinstance(setting, str):
+                raise SystemExit(f"ERROR ({self.__class__.__name__}): bcp_largest_component={setting!r}: expected "
+                                 f"'auto', True, False or a list of classes among {sorted(classes)}")
+            chosen = sorted(_as_list(setting))
+        self.bcp_largest_component_classes = chosen
+        self.print_to_log_file(f"BCP: pseudo-labels keep only their largest component for classes {chosen} of "
+                               f"{sorted(classes)} (bcp_largest_component={setting!r})")
+        return chosen
+
+    def _single_component_classes(self, classes: dict) -> list:
+        labeled = getattr(self, "labeled_training_identifiers", None) or self.get_tr_and_val_datasets()[0].identifiers
+        ids = sorted(labeled)[:LARGEST_COMPONENT_SAMPLE_CASES]
+        dataset = self.dataset_class(self.preprocessed_dataset_folder, ids)
+        segmentations = (np.asarray(dataset.load_case(i)[1][:])[0] for i in ids)
+        share = single_component_share(segmentations, classes, per_slice=len(self.configuration_manager.patch_size) == 2)
+        self.print_to_log_file(f"BCP: share of one-component occurrences per class in {len(ids)} labeled cases' "
+                               f"reference labels: {({c: None if s is None else round(s, 3) for c, s in share.items()})}")
+        return [c for c, s in share.items() if s is not None and s >= SINGLE_COMPONENT_SHARE]
 
     def stage_two_step(self, batch: dict, unlabeled_batch: dict) -> dict:
         """Teacher pseudo-labels, bidirectional copy-paste, α-weighted loss at every scale, SGD step, EMA."""

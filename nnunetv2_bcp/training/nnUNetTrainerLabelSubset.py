@@ -14,6 +14,7 @@ class LabelSubsetMixin:
     recorded (``label_subset_in_use``; BCP writes it into ``bcp_settings.json`` and its checkpoints): a file left
     from an experiment would otherwise turn every later training on the dataset into a label-scarce one."""
     label_subset_in_use = None
+    labeled_training_identifiers = None
 
     def _label_subset_of_fold(self):
         path = label_subset_path(self.preprocessed_dataset_folder_base)
@@ -26,6 +27,7 @@ class LabelSubsetMixin:
         """nnU-Net's split; with a label subset only the fold's labeled cases stay in the labeled dataset."""
         dataset_tr, dataset_val = super().get_tr_and_val_datasets()
         subset = self._label_subset_of_fold()
+        self.labeled_training_identifiers = list(dataset_tr.identifiers) if subset is None else list(subset["labeled"])
         if subset is not None:
             outside = sorted(set(subset["labeled"]) - set(dataset_tr.identifiers))
             if outside:
