@@ -119,3 +119,42 @@ def test_the_supervised_term_variants_are_found_by_name_through_the_trainer_fold
     found = recursive_find_trainer_class_by_name(name)
     variant = _new(found, synthetic_3d)
     assert variant.bcp_labeled_loss_weight == weight and variant.bcp_settings()["bcp_labeled_loss_weight"] == weight
+
+
+def test_the_supervised_term_passes_on_its_own_with_the_gradient_of_one_pass_on_both(trainer, monkeypatch):
+    """The labeled patches pass the student after the mixed patches' backward (each forward pass holds one batch's
+    activations, not two): the gradient equals that of one pass on mixed and labeled patches together."""
+    from nnunetv2_bcp.bcp import bcp_total, downsample_mask, labeled_origin, mix_by_origin
+    labeled, unlabeled = _batches(trainer, 4)
+    monkeypatch.setattr(trainer, "bcp_labeled_loss_weight", 1.0)
+    inward, box = torch.tensor([True, False]), trainer._random_mask(2)
+    monkeypatch.setattr(trainer, "draw_directions", lambda batch_size: inward)
+    monkeypatch.setattr(trainer, "_random_mask", lambda batch_size: box)
+    teacher = copy.deepcopy(trainer.teacher.state_dict())
+    step_grads, batch_sizes = {}, []
+    monkeypatch.setattr(trainer.optimizer, "step", lambda *a, **k: step_grads.update(
+        {n: p.grad.clone() for n, p in trainer.network.named_parameters() if p.grad is not None}))
+    hook = trainer.network.register_forward_pre_hook(lambda module, args: batch_sizes.append(args[0].shape[0]))
+    try:
+        trainer.stage_two_step(labeled, unlabeled)
+    finally:
+        hook.remove()
+    assert batch_sizes == [2, 2]  # mixed, then labeled: never both at once
+    trainer.teacher.load_state_dict(teacher)  # the step's EMA moved it; the weights did not move (step recorded only)
+
+    trainer.optimizer.zero_grad(set_to_none=True)
+    pseudo = trainer.make_pseudo_labels(unlabeled["data"])
+    targets = labeled["target"]
+    from_labeled = labeled_origin(box, inward)
+    masks = [downsample_mask(from_labeled, t.shape[2:]) for t in targets]
+    mixed = mix_by_origin(labeled["data"], unlabeled["data"], from_labeled)
+    outputs = trainer.network(torch.cat([mixed, labeled["data"]]))
+    mixed_targets = [mix_by_origin(t, downsample_mask(pseudo, t.shape[2:]), m) for t, m in zip(targets, masks)]
+    terms = trainer.bcp_loss([o[:2] for o in outputs], mixed_targets, masks, [inward] * len(masks))
+    (bcp_total(terms, trainer.bcp_alpha) + trainer.loss([o[2:] for o in outputs], targets)).backward()
+    torch.nn.utils.clip_grad_norm_(trainer.network.parameters(), 12)
+    one_pass = {n: p.grad for n, p in trainer.network.named_parameters() if p.grad is not None}
+    assert one_pass.keys() == step_grads.keys()
+    for name, grad in one_pass.items():
+        assert torch.allclose(step_grads[name], grad, rtol=1e-4, atol=1e-7), name
+    trainer.optimizer.zero_grad(set_to_none=True)

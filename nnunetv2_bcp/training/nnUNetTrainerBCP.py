@@ -407,24 +407,31 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
         supervised = self.bcp_labeled_loss_weight > 0
 
         self.optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
-            # with the supervised term, the un-mixed labeled patches go through the same forward pass
-            outputs = _as_list(self.network(torch.cat([mixed, labeled]) if supervised else mixed))
-        mixed_targets = [mix_by_origin(t, downsample_mask(pseudo, t.shape[2:]), m) for t, m in zip(targets, masks)]
-        with self._autocast():
-            mixed_outputs = [o[:batch_size] for o in outputs]
-            deep_supervision = isinstance(self.bcp_loss, DeepSupervisionWrapper)
-            if deep_supervision:
-                terms = self.bcp_loss(mixed_outputs, mixed_targets, masks, [inward] * len(masks))
-            else:
-                terms = self.bcp_loss(mixed_outputs[0], mixed_targets[0], masks[0], inward)
-            loss = bcp_total(terms, self.bcp_alpha)
-            if supervised:
-                labeled_outputs = [o[batch_size:] for o in outputs]
-                supervised_loss = self.loss(labeled_outputs if deep_supervision else labeled_outputs[0],
-                                            targets if deep_supervision else targets[0])
-                loss = loss + self.bcp_labeled_loss_weight * supervised_loss
-        stepped = self._backward_and_step(loss)
+        # With the supervised term the labeled patches pass the student on their own, after the mixed patches' loss has
+        # been backpropagated and their activations freed: the peak memory of one batch instead of two, and the
+        # gradients add up to those of one pass on both (nnU-Net's networks normalise each sample on its own). Under
+        # DDP the gradients are reduced once, after the second backward.
+        with self._without_gradient_sync() if supervised else dummy_context():
+            with self._autocast():
+                mixed_outputs = _as_list(self.network(mixed))
+            mixed_targets = [mix_by_origin(t, downsample_mask(pseudo, t.shape[2:]), m) for t, m in zip(targets, masks)]
+            with self._autocast():
+                deep_supervision = isinstance(self.bcp_loss, DeepSupervisionWrapper)
+                if deep_supervision:
+                    terms = self.bcp_loss(mixed_outputs, mixed_targets, masks, [inward] * len(masks))
+                else:
+                    terms = self.bcp_loss(mixed_outputs[0], mixed_targets[0], masks[0], inward)
+                loss = bcp_total(terms, self.bcp_alpha)
+            self._backward(loss)
+        if supervised:
+            with self._autocast():
+                labeled_outputs = _as_list(self.network(labeled))
+                supervised_loss = self.bcp_labeled_loss_weight * self.loss(
+                    labeled_outputs if deep_supervision else labeled_outputs[0],
+                    targets if deep_supervision else targets[0])
+            self._backward(supervised_loss)
+            loss = loss.detach() + supervised_loss.detach()
+        stepped = self._clip_and_step()
         if not stepped and not self._grad_scaler_overflow(loss):
             return self._skip_nonfinite_step(loss, batch, unlabeled_batch)
         self.bcp_nonfinite_in_a_row = 0
@@ -435,19 +442,24 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
                 'bcp': step_figures(mixed_outputs[0], mixed_targets[0], masks[0], pseudo, targets[0], terms,
                                     self.label_manager)}
 
-    def _backward_and_step(self, loss: torch.Tensor) -> bool:
-        """nnU-Net's backward, clipping and step, except that a step with non-finite gradients is skipped (returns
-        False). ``backward()`` runs on every rank, so under DDP the gradient all-reduce carries a NaN or inf of any
-        rank to all of them and every rank takes the same decision without a collective of its own."""
+    def _without_gradient_sync(self):
+        """DDP's ``no_sync``: a backward inside it accumulates this rank's gradients without reducing them."""
+        return self.network.no_sync() if self.is_ddp else dummy_context()
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        (self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss).backward()
+
+    def _clip_and_step(self) -> bool:
+        """nnU-Net's clipping and step after the backward passes, except that a step with non-finite gradients is
+        skipped (returns False). Under DDP the gradient all-reduce carries a NaN or inf of any rank to all of them, so
+        every rank takes the same decision without a collective of its own."""
         params = self.network.parameters()
         if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, 12)
             self.grad_scaler.step(self.optimizer)  # skips the step itself on non-finite gradients
             self.grad_scaler.update()
             return bool(torch.isfinite(grad_norm))
-        loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 12)
         finite = bool(torch.isfinite(grad_norm))
         if finite:
