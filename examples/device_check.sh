@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The GPU check of issue 13: the CUDA tests (tests/test_cuda.py) and the cost benchmark (examples/benchmark_cost.py:
+# The GPU check: the CUDA tests (tests/test_cuda.py) and the cost benchmark (examples/benchmark_cost.py:
 # nnU-Net's step vs BCP stage 2 on MSD Hippocampus 3d_fullres, nnU-Net's own plans and batch size; the paper's loss,
-# --bcp bcp_labeled_loss_weight=0, the step issue 13's targets were set for; COST_SETTINGS="NAME=VALUE ..." sets
-# others, COST_SETTINGS= times the plugin's defaults, whose supervised term adds a second pass of the labeled
-# patches), then an optional
+# --bcp bcp_labeled_loss_weight=0, then the plugin's defaults, whose supervised term adds a second pass of the labeled
+# patches, each with its peak CUDA memory; COST_SETTINGS="NAME=VALUE ..." times one configuration instead), then an
+# optional
 # extra command with the time that is left. Made for the device tool's machines: PyTorch but no nnU-Net, no network,
 # at most 64 MiB carried per call, 10 minutes per command, 15 minutes of device time per session.
 #
@@ -125,15 +125,21 @@ print('SimpleITK', SimpleITK.Version_VersionString(), 'blosc2', blosc2.__version
 if [ "$SKIP_COST" = 0 ]; then
     phase "cost benchmark"
     dataset=$(ls "$DATA/nnUNet_preprocessed")
-    COST=()
-    for setting in ${COST_SETTINGS-bcp_labeled_loss_weight=0}; do COST+=(--bcp "$setting"); done
-    work=$(mktemp -d)
-    # no nnUNet_raw: training reads only the preprocessed data
-    env -u nnUNet_raw nnUNet_preprocessed=$REPO/$DATA/nnUNet_preprocessed nnUNet_results=$work/results \
-        timeout "$(limit "$COST_CAP" 150)" $PYTHON examples/benchmark_cost.py -d "$dataset" -c 3d_fullres -p nnUNetPlans \
-        --device "$DEVICE" --iterations "$ITERATIONS" --data-wait-iterations "$ITERATIONS" \
-        --filter-shape 128 128 128 --repeats 1 "${COST[@]}" -o "$OUT/cost.jsonl" 2>&1 | tee "$OUT/cost.log"
-    echo "cost benchmark: exit status ${PIPESTATUS[0]}"
+    # the paper's loss, then the plugin's defaults (an empty setting), each beside nnU-Net's own step; COST_SETTINGS
+    # ("NAME=VALUE ...") times one configuration instead
+    if [ -n "${COST_SETTINGS+set}" ]; then RUNS=("$COST_SETTINGS"); else RUNS=("bcp_labeled_loss_weight=0" ""); fi
+    for run_settings in "${RUNS[@]}"; do
+        COST=()
+        for setting in $run_settings; do COST+=(--bcp "$setting"); done
+        work=$(mktemp -d)
+        echo "cost: BCP with ${run_settings:-the plugin defaults}" | tee -a "$OUT/cost.log"
+        # no nnUNet_raw: training reads only the preprocessed data
+        env -u nnUNet_raw nnUNet_preprocessed=$REPO/$DATA/nnUNet_preprocessed nnUNet_results=$work/results \
+            timeout "$(limit "$COST_CAP" 150)" $PYTHON examples/benchmark_cost.py -d "$dataset" -c 3d_fullres \
+            -p nnUNetPlans --device "$DEVICE" --iterations "$ITERATIONS" --data-wait-iterations "$ITERATIONS" \
+            --filter-shape 128 128 128 --repeats 1 "${COST[@]}" -o "$OUT/cost.jsonl" 2>&1 | tee -a "$OUT/cost.log"
+        echo "cost benchmark (${run_settings:-defaults}): exit status ${PIPESTATUS[0]}"
+    done
 fi
 
 # ------------------------------------------------------------------ CUDA tests

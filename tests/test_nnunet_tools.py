@@ -233,7 +233,7 @@ def test_cross_validation_to_a_model_for_plain_nnunet(nnunet_dirs, tmp_path):
 @pytest.mark.heavy(5)
 def test_pseudo_label_dataset_predicts_the_unlabeled_cases_and_continues_the_model(nnunet_dirs, tmp_path):
     from nnunetv2_bcp.demo.synthetic import make_synthetic_dataset
-    source_id, target_id = "996", "997"
+    source_id, target_id = "971", "972"
     raw = make_synthetic_dataset(nnunet_dirs["nnUNet_raw"], int(source_id), "Pseudo", num_labeled=5,
                                  num_unlabeled=3, num_test=1, shape=(16, 16, 16))
     plan_and_preprocess(int(source_id))
@@ -249,7 +249,7 @@ def test_pseudo_label_dataset_predicts_the_unlabeled_cases_and_continues_the_mod
                "nnUNetTrainer_tools", "-device", "cpu", "-np", "1", "--disable_tta")
 
     run_cli(*command, "-t", target_id, env=env)
-    target = "Dataset997_PseudoPseudo"
+    target = "Dataset972_PseudoPseudo"
     target_raw = join(nnunet_dirs["nnUNet_raw"], target)
     unlabeled = ["unl_000", "unl_001", "unl_002"]
     for case in unlabeled:  # a label map of the image's geometry, with the dataset's labels only
@@ -279,5 +279,5 @@ def test_pseudo_label_dataset_predicts_the_unlabeled_cases_and_continues_the_mod
     taken = run_cli(*command, "-t", source_id, check=False, env=env)
     assert taken.returncode != 0 and f"dataset id {source_id} is taken by {os.path.basename(raw)}" in taken.stderr
     shutil.rmtree(join(raw, "imagesUnlabeled"))
-    empty = run_cli(*command, "-t", "998", check=False, env=env)
+    empty = run_cli(*command, "-t", "973", check=False, env=env)
     assert empty.returncode != 0 and "has no unlabeled images for fold 0" in empty.stderr
