@@ -9,8 +9,9 @@ offline pseudo-labels, on the paper's labeled patients.
     # one arm on its own
     python examples/benchmark_acdc.py run -w bench_acdc --arm labeled --labeled-set paper3 --iterations 2000
     python examples/benchmark_acdc.py run -w bench_acdc --arm pseudo_continue --labeled-set paper3
-    # paired tables (validation patients; test predictions are only written, never scored here)
+    # paired tables (validation patients; test predictions are only written, never scored here), L's curve
     python examples/benchmark_acdc.py table
+    python examples/benchmark_acdc.py curve -w bench_acdc --run labeled_paper3_it1000
 
 Data. ``train.list``'s 70 patients are fold 0's training cases and ``val.list``'s 10 patients its validation cases
 (``splits_final.json``), both frames (ED, ES) of a patient always on the same side. Labeled sets (``LABELED_SETS``):
@@ -446,6 +447,21 @@ def table(args):
     print(text)
 
 
+def curve(args):
+    """L's (or any kept run's) learning curve: nnU-Net's per-epoch pseudo Dice on 5 validation batches and its moving
+    average, from the final checkpoint's log; nnU-Net's progress.png is copied to docs/figures."""
+    import torch
+    fold = join(args.work_dir, "models", args.run, "fold_0")
+    log = torch.load(join(fold, "checkpoint_final.pth"), map_location="cpu", weights_only=False)["logging"]
+    print("epoch | pseudo Dice (mean over classes) | its moving average (nnU-Net's EMA)")
+    for epoch, (dice, ema) in enumerate(zip(log["mean_fg_dice"], log["ema_fg_dice"])):
+        if epoch % args.every == 0 or epoch == len(log["mean_fg_dice"]) - 1:
+            print(f"{epoch:5d} | {float(dice):.4f} | {float(ema):.4f}")
+    figure = join(HERE, os.pardir, "docs", "figures", f"acdc_{args.run}_progress.png")
+    shutil.copy(join(fold, "progress.png"), figure)
+    print(f"copied nnU-Net's progress.png to {os.path.relpath(figure, join(HERE, os.pardir))}")
+
+
 def score(args):
     """Dice per class of every run's committed test predictions against a folder of labels (e.g. the held-out test
     labels, once they are released); nothing else in this benchmark reads test labels."""
@@ -481,9 +497,12 @@ def main():
     o.add_argument("--dry-run", action="store_true")
     t = sub.add_parser("table")
     t.add_argument("--docs", default=DOCS)
+    v = sub.add_parser("curve")
+    v.add_argument("--run", required=True, help="a kept run, e.g. labeled_paper3_it1000")
+    v.add_argument("--every", type=int, default=5, help="print every N-th epoch [5]")
     c = sub.add_parser("score")
     c.add_argument("--labels", required=True, help="folder of label maps named like the test images")
-    for q in (p, r, o, c):
+    for q in (p, r, o, c, v):
         q.add_argument("-w", "--work-dir", default="bench_acdc")
     for q in (r, o, t, c):
         q.add_argument("--results", default=RESULTS)
@@ -495,7 +514,8 @@ def main():
     args = parser.parse_args()
     if hasattr(args, "work_dir"):
         args.work_dir = os.path.abspath(args.work_dir)
-    {"prepare": prepare, "run": run, "protocol": protocol, "table": table, "score": score}[args.command](args)
+    {"prepare": prepare, "run": run, "protocol": protocol, "table": table, "curve": curve,
+     "score": score}[args.command](args)
 
 
 if __name__ == "__main__":
