@@ -276,8 +276,10 @@ def test_pseudo_label_dataset_predicts_the_unlabeled_cases_and_continues_the_mod
     assert isfile(join(nnunet_dirs["nnUNet_results"], target, "nnUNetTrainer_tools__nnUNetPlans__3d_fullres",
                        "fold_0", "checkpoint_final.pth"))
 
-    taken = run_cli(*command, "-t", source_id, check=False, env=env)
-    assert taken.returncode != 0 and f"dataset id {source_id} is taken by {os.path.basename(raw)}" in taken.stderr
+    # refusals, before any prediction (in this process: the command's main)
+    from nnunetv2_bcp.unlabeled.pseudo_label_dataset import main
+    with pytest.raises(SystemExit, match=f"dataset id {source_id} is taken by {os.path.basename(raw)}"):
+        main([*command[1:], "-t", source_id])
     shutil.rmtree(join(raw, "imagesUnlabeled"))
-    empty = run_cli(*command, "-t", "973", check=False, env=env)
-    assert empty.returncode != 0 and "has no unlabeled images for fold 0" in empty.stderr
+    with pytest.raises(SystemExit, match="has no unlabeled images for fold 0"):
+        main([*command[1:], "-t", "973"])
