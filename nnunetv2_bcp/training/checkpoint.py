@@ -31,6 +31,9 @@ class UntrustedCheckpointError(ValueError):
 def load_checkpoint_without_code(path: str, map_location="cpu") -> dict:
     """``torch.load(path, weights_only=True)``, allowing the numpy scalars nnU-Net's checkpoints hold: a file that
     needs any other global (a pickled object, which can run a command when loaded) is refused with the reason."""
+    if not hasattr(torch.serialization, "safe_globals"):
+        raise UntrustedCheckpointError(f"torch {torch.__version__} cannot load {path} as weights and numbers only "
+                                       f"(torch 2.5 or newer can)")
     with torch.serialization.safe_globals(NUMPY_CHECKPOINT_GLOBALS):
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
