@@ -213,8 +213,9 @@ def pseudo_label_quality(env: dict, raw: str, target_raw: str, work: str, name: 
     maybe_mkdir_p(folder)
     for case in record["pseudo_labeled"]:
         os.symlink(os.path.realpath(join(target_raw, "labelsTr", f"{case}.nii.gz")), join(folder, f"{case}.nii.gz"))
-    summary = compute_metrics_on_folder(join(raw, "labelsTr"), folder, join(folder, "summary.json"), SimpleITKIO(),
-                                        ".nii.gz", CLASSES, num_processes=2)
+    compute_metrics_on_folder(join(raw, "labelsTr"), folder, join(folder, "summary.json"), SimpleITKIO(), ".nii.gz",
+                              CLASSES, num_processes=2)
+    summary = load_json(join(folder, "summary.json"))  # the file's class keys are strings (the returned dict's are not)
     return {"pseudo_label_dice_mean": summary["foreground_mean"]["Dice"],
             "pseudo_label_dice_per_class": {str(c): summary["mean"][str(c)]["Dice"] for c in CLASSES},
             "pseudo_labeled_cases": len(record["pseudo_labeled"])}
