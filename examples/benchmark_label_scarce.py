@@ -84,7 +84,7 @@ import json
 import os
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2_bcp.training.checkpoint import saving_atomically_with
+from nnunetv2_bcp.training.checkpoint import save_nnunet_checkpoint_with
 from nnunetv2_bcp.training.nnUNetTrainerBCP import default_pretrain_epochs, nnUNetTrainerBCP
 from nnunetv2_bcp.training.nnUNetTrainerLabelSubset import nnUNetTrainerLabelSubset
 
@@ -124,8 +124,7 @@ class _AtomicCheckpoints:
     """A run killed while it saves keeps its previous checkpoint to resume from (nnU-Net's own save writes in place;
     BCP trainers save atomically already)."""
     def save_checkpoint(self, filename: str) -> None:
-        with saving_atomically_with({}):
-            super().save_checkpoint(filename)
+        save_nnunet_checkpoint_with(super().save_checkpoint, filename, {})
 
 
 class BenchLabeled(_BenchInference, _AtomicCheckpoints, nnUNetTrainerLabelSubset):

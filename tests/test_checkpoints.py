@@ -36,7 +36,8 @@ def test_checkpoint_holds_nnunets_entries_and_the_teacher_in_one_write(trainer, 
     writes = _counting(monkeypatch, "save")
     path = str(tmp_path / "bcp.pth")
     trainer.save_checkpoint(path)
-    assert writes == [path + ".tmp"] and sorted(os.listdir(tmp_path)) == ["bcp.pth", "plain.pth"]
+    files_written = [w for w in writes if isinstance(w, str)]  # nnU-Net's own dict is serialised into memory first
+    assert files_written == [path + ".tmp"] and sorted(os.listdir(tmp_path)) == ["bcp.pth", "plain.pth"]
     ours, theirs = (torch.load(p, weights_only=False) for p in (path, plain))
     assert set(ours) == set(theirs) | {"bcp"}  # a key added by a new nnU-Net release shows up here
     for key in ("current_epoch", "_best_ema", "trainer_name", "init_args", "logging"):
@@ -58,6 +59,8 @@ def test_a_failed_write_keeps_the_previous_checkpoint_and_resume_uses_it(trainer
     original = torch.save
 
     def dies_mid_write(obj, f, *args, **kwargs):
+        if not isinstance(f, str):  # nnU-Net's dict into memory
+            return original(obj, f, *args, **kwargs)
         with open(f, "wb") as out:
             out.write(b"half a checkpoint")
         raise OSError("disk full")
@@ -70,9 +73,7 @@ def test_a_failed_write_keeps_the_previous_checkpoint_and_resume_uses_it(trainer
 
     # --c: a fresh trainer resumes from the previous, intact checkpoint, with its teacher
     resumed = nnUNetTrainerBCP(_plans(trainer), "3d_fullres", 0, trainer.dataset_json, torch.device("cpu"))
-    reads = _counting(monkeypatch, "load")
     resumed.load_checkpoint(path)
-    assert reads == [path]  # read once (nnU-Net's own load_checkpoint gets the dict already read)
     assert resumed.current_epoch == 8 and resumed.in_stage_two()
     assert torch.equal(resumed.teacher.state_dict()[FIRST_CONV], saved_teacher)
     assert not torch.equal(resumed.teacher.state_dict()[FIRST_CONV], trainer.teacher.state_dict()[FIRST_CONV])
@@ -208,3 +209,28 @@ def test_a_model_that_would_run_code_when_loaded_is_refused_unless_allowed(train
     assert not marker.exists()
     start_from_model(fresh, hostile_path, allow_pickle=True)  # the user vouches for it: loaded as before
     assert marker.exists()
+
+
+def test_no_torch_function_is_swapped_while_nnunet_saves_or_loads(trainer, tmp_path, monkeypatch):
+    """A subclass that loads its own file with torch.load in initialize() (which nnU-Net's load_checkpoint calls
+    under --c) gets that file, not the BCP checkpoint; torch.save is torch.save while nnU-Net's save runs."""
+    from nnunetv2_bcp import nnUNetTrainerBCP
+    own_file = str(tmp_path / "pretrained_extra.pt")
+    torch.save({"mine": torch.ones(2)}, own_file)
+
+    class LoadsItsOwnFileInInitialize(nnUNetTrainerBCP):
+        def initialize(self):
+            self.own = torch.load(own_file, weights_only=True)
+            super().initialize()
+
+    path = str(tmp_path / "checkpoint_latest.pth")
+    real_save = torch.save
+    during_save = []
+    get_checkpoint = trainer.logger.get_checkpoint  # called inside nnU-Net's save_checkpoint
+    monkeypatch.setattr(trainer.logger, "get_checkpoint", lambda: during_save.append(torch.save) or get_checkpoint())
+    trainer.save_checkpoint(path)
+    assert during_save == [real_save]
+    resumed = LoadsItsOwnFileInInitialize(_plans(trainer), "3d_fullres", 0, trainer.dataset_json, torch.device("cpu"))
+    resumed.load_checkpoint(path)  # nnU-Net initialises the trainer inside its load_checkpoint
+    assert set(resumed.own) == {"mine"}
+    assert torch.equal(resumed.teacher.state_dict()[FIRST_CONV], trainer.teacher.state_dict()[FIRST_CONV])

@@ -1,16 +1,17 @@
-"""Checkpoints of BCP trainers: nnU-Net's checkpoint plus a ``bcp`` entry, written once and atomically, read once.
+"""Checkpoints of BCP trainers: nnU-Net's checkpoint plus a ``bcp`` entry, written once and atomically.
 
 nnU-Net 2.8's ``save_checkpoint`` builds its dict and calls ``torch.save`` with no hook for extra keys, and its
 ``load_checkpoint`` only takes a path (a dict argument fails). Rather than copying those methods (the copy would go
-stale with nnU-Net's next release), the BCP trainer calls them and swaps ``torch.save`` / ``torch.load`` for the
-duration of that one call: the save adds the ``bcp`` entry and writes through a temporary file that is renamed over
-the target (a crash mid-write leaves the previous checkpoint intact), the load hands nnU-Net the dict the trainer has
-already read and checked.
+stale with nnU-Net's next release) or swapping ``torch.save`` / ``torch.load`` while they run (which would hand a
+subclass's own ``torch.load`` in ``initialize`` the checkpoint), the BCP trainer lets nnU-Net serialise its dict into
+memory, adds its entry and writes the file once, through a temporary file renamed over the target (a crash mid-write
+leaves the previous checkpoint intact); it reads its own entry from a memory-mapped load and lets nnU-Net's
+``load_checkpoint`` read the file as it always does.
 """
 import glob
+import io
 import os
 import pickle
-from contextlib import contextmanager
 from typing import Callable
 
 import numpy as np
@@ -44,38 +45,29 @@ def load_checkpoint_without_code(path: str, map_location="cpu") -> dict:
                                            f"loading it could run code") from None
 
 
-@contextmanager
-def _replacing(name: str, replacement: Callable):
-    original = getattr(torch, name)
-    setattr(torch, name, replacement)
+def save_atomically(checkpoint: dict, path: str) -> None:
+    """``torch.save`` to ``path + '.tmp'``, then renamed to ``path``; the temporary file is removed if the write
+    fails."""
+    temporary = f"{path}{TEMPORARY_SUFFIX}"
     try:
-        yield original
+        torch.save(checkpoint, temporary)
+        os.replace(temporary, path)
     finally:
-        setattr(torch, name, original)
+        if os.path.exists(temporary):
+            os.remove(temporary)
 
 
-@contextmanager
-def saving_atomically_with(extra: dict):
-    """Within this block, ``torch.save(obj, f)`` writes ``{**obj, **extra}`` to ``f + '.tmp'`` and renames it to
-    ``f``; the temporary file is removed if the write fails."""
-    def save(obj, f, *args, **kwargs):
-        temporary = f"{f}{TEMPORARY_SUFFIX}"
-        try:
-            original({**obj, **extra}, temporary, *args, **kwargs)
-            os.replace(temporary, f)
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
-
-    with _replacing("save", save) as original:
-        yield
-
-
-@contextmanager
-def loading(checkpoint: dict):
-    """Within this block, ``torch.load`` returns ``checkpoint`` instead of reading a file."""
-    with _replacing("load", lambda *args, **kwargs: checkpoint):
-        yield
+def save_nnunet_checkpoint_with(save_checkpoint: Callable[[object], None], path: str, extra: dict) -> None:
+    """nnU-Net's ``save_checkpoint`` (a bound method) serialises its dict into memory; the dict plus ``extra`` is
+    written to ``path`` once, atomically. Nothing is written where nnU-Net writes nothing (a rank other than 0,
+    checkpointing disabled). Tensors are stored on the CPU (nnU-Net loads them with its own ``map_location``)."""
+    buffer = io.BytesIO()
+    save_checkpoint(buffer)
+    if buffer.getbuffer().nbytes == 0:
+        return
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, map_location="cpu", weights_only=False)
+    save_atomically({**checkpoint, **extra}, path)
 
 
 def remove_stale_checkpoint_temporaries(folder: str) -> list:

@@ -22,8 +22,8 @@ from nnunetv2_bcp.bcp import (BCPLoss, bcp_total, copy_paste, downsample_mask, e
                               random_box_mask, single_component_share, unwrap_network)
 from nnunetv2_bcp.training.diagnostics import (LOW_PSEUDO_LABEL_SHARE, classes_below_share, epoch_figures,
                                                record_progress, skipped_step_figures, step_figures)
-from nnunetv2_bcp.training.checkpoint import (incompatibility, loading, remove_stale_checkpoint_temporaries,
-                                              saving_atomically_with)
+from nnunetv2_bcp.training.checkpoint import (incompatibility, remove_stale_checkpoint_temporaries,
+                                              save_nnunet_checkpoint_with)
 from nnunetv2_bcp.training.nnUNetTrainerLabelSubset import LabelSubsetMixin
 from nnunetv2_bcp.training.start_from_model import ContinueOnlyWhereStartedFromModel
 from nnunetv2_bcp.unlabeled.loader import (UnlabeledDataset, make_unlabeled_stream, shutdown_stream,
@@ -563,14 +563,17 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
 
     def save_checkpoint(self, filename: str) -> None:
         """nnU-Net's checkpoint plus a ``bcp`` entry, in one atomic write (see :mod:`..checkpoint`)."""
-        with saving_atomically_with({'bcp': self.bcp_state()}):
-            super().save_checkpoint(filename)
+        save_nnunet_checkpoint_with(super().save_checkpoint, filename, {'bcp': self.bcp_state()})
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
-        """nnU-Net's ``load_checkpoint`` on a checkpoint read once and checked first: it must come from a BCP
-        trainer of the same plans, configuration and labels."""
+        """nnU-Net's ``load_checkpoint``, after the checkpoint is checked: it must come from a BCP trainer of the same
+        plans, configuration and labels. The BCP entry is read from a memory-mapped load (only what is used is read);
+        nnU-Net reads its own entries."""
         path = filename_or_checkpoint
-        checkpoint = torch.load(path, map_location=self.device, weights_only=False) if isinstance(path, str) else path
+        if not isinstance(path, str):
+            raise TypeError(f"{self.__class__.__name__}.load_checkpoint takes a checkpoint's path (as nnU-Net 2.8's "
+                            f"does), not {type(path).__name__}")
+        checkpoint = torch.load(path, map_location='cpu', weights_only=False, mmap=True)
         if 'bcp' not in checkpoint:
             raise SystemExit(f"ERROR ({self.__class__.__name__}): {path} was written by "
                              f"{checkpoint.get('trainer_name', 'another trainer')}, not by a BCP trainer, and has no "
@@ -579,15 +582,14 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
                                  self.dataset_json['labels'])
         if reason:
             raise SystemExit(f"ERROR ({self.__class__.__name__}): {path}: {reason}.")
-        with loading(checkpoint):
-            super().load_checkpoint(path if isinstance(path, str) else "<checkpoint dict>")
+        super().load_checkpoint(path)
         bcp = checkpoint['bcp']
         self.teacher.load_state_dict(bcp['teacher_weights'])
         self.bcp_teacher_initialized = bcp['teacher_initialized']
         self.bcp_iteration = bcp['iteration']
         self.bcp_student_train_dice = bcp.get('student_train_dice')
         if 'settings' in bcp:
-            self.keep_settings_of_the_checkpoint(bcp['settings'], path if isinstance(path, str) else "the checkpoint")
+            self.keep_settings_of_the_checkpoint(bcp['settings'], path)
 
     def keep_settings_of_the_checkpoint(self, saved: dict, source: str) -> None:
         """Continue with the stage-2 settings the run was started with where this trainer's differ (say which)."""
