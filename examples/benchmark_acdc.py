@@ -62,8 +62,10 @@ CONTINUE_ARMS = ("labeled_continue", "bcp_continue", "pseudo_continue")
 # subset, (c) and (e) on every training case of their dataset, (b) and (d) are BCP
 ARM_TRAINERS = {"labeled": "BenchLabeled", "labeled_continue": "BenchLabeled", "bcp_continue": "BenchBCP",
                 "pseudo_continue": "BenchCeiling", "bcp": "BenchBCP", "ceiling": "BenchCeiling"}
-# BenchBCP trains the paper's configuration changed by its settings: these make it the plugin's defaults
+# BenchBCP trains the paper's configuration changed by its settings: these make it the plugin's defaults (the stages'
+# only from scratch: a continuation has no stage 1)
 PLUGIN_DEFAULTS = {"bcp_labeled_loss_weight": 1, "bcp_largest_component": "auto"}
+PLUGIN_STAGE_DEFAULTS = {"bcp_stage_one": "nnunet", "bcp_pretrain_fraction": 0.5, "bcp_restart_lr": True}
 
 
 # ------------------------------------------------------------------------------------------------------- data
@@ -271,7 +273,9 @@ def run(args) -> dict:
     start_checkpoint = join(work, "models", from_run, "fold_0", "checkpoint_final.pth") if from_run else None
     name = run_name(args.arm, args.labeled_set, args.iterations, args.from_iterations)
     trainer = ARM_TRAINERS[args.arm]
-    settings = PLUGIN_DEFAULTS if trainer == "BenchBCP" else {}
+    settings = {}
+    if trainer == "BenchBCP":
+        settings = PLUGIN_DEFAULTS if from_run else {**PLUGIN_DEFAULTS, **PLUGIN_STAGE_DEFAULTS}
     train_id = DATASET_ID + 1 if args.arm == "pseudo_continue" else DATASET_ID
     train_dataset = f"Dataset{train_id:03d}_ACDC" + ("Pseudo" if args.arm == "pseudo_continue" else "")
     epochs = args.iterations // args.iterations_per_epoch

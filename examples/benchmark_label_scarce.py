@@ -85,7 +85,7 @@ import os
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2_bcp.training.checkpoint import save_nnunet_checkpoint_with
-from nnunetv2_bcp.training.nnUNetTrainerBCP import default_pretrain_epochs, nnUNetTrainerBCP
+from nnunetv2_bcp.training.nnUNetTrainerBCP import nnUNetTrainerBCP
 from nnunetv2_bcp.training.nnUNetTrainerLabelSubset import nnUNetTrainerLabelSubset
 
 
@@ -100,7 +100,8 @@ def _schedule(t):
 # The paper's stage 2 (BCP.md): each BCP run names what it changes from it (--bcp), so that a row keeps its meaning
 # when the plugin's defaults change (the supervised term became one after the first rows were written).
 PAPER = {"bcp_alpha": 0.5, "bcp_labeled_loss_weight": 0.0, "bcp_teacher_weak_view": False, "bcp_ema_decay": 0.99,
-         "bcp_mask_ratio": 2 / 3, "bcp_largest_component": True}
+         "bcp_mask_ratio": 2 / 3, "bcp_largest_component": True,
+         "bcp_stage_one": "copy_paste", "bcp_pretrain_fraction": 0.2, "bcp_restart_lr": False}
 
 
 def _settings(t):
@@ -138,10 +139,10 @@ class BenchBCP(_BenchInference, nnUNetTrainerBCP):
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         _schedule(self)
-        # continued from a trained model: no stage 1
-        self.bcp_pretrain_epochs = 0 if os.environ.get("BENCH_CONTINUE") else default_pretrain_epochs(self.num_epochs)
         for name, value in PAPER.items():
             setattr(self, name, value)
+        if os.environ.get("BENCH_CONTINUE"):  # continued from a trained model: no stage 1
+            self.bcp_pretrain_epochs = 0
         _settings(self)
 
 

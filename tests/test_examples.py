@@ -519,7 +519,8 @@ def test_benchmark_bcp_runs_train_the_papers_configuration_changed_by_their_sett
     trainers = {}
     exec(compile(bench.TRAINERS, "bcp_benchmark_trainers.py", "exec"), trainers)
     plugin_defaults = {"bcp_alpha": 0.3, "bcp_labeled_loss_weight": 1.0, "bcp_teacher_weak_view": True,
-                       "bcp_ema_decay": 0.9, "bcp_mask_ratio": 0.5, "bcp_largest_component": False}
+                       "bcp_ema_decay": 0.9, "bcp_mask_ratio": 0.5, "bcp_largest_component": False,
+                       "bcp_stage_one": "nnunet", "bcp_pretrain_fraction": 0.5, "bcp_restart_lr": True}
 
     def plugin_init(self, plans, configuration, fold, dataset_json, device):  # nnUNetTrainerBCP's __init__, defaults
         self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 1000, 250, 50
@@ -536,8 +537,10 @@ def test_benchmark_bcp_runs_train_the_papers_configuration_changed_by_their_sett
     paper = trainers["BenchBCP"](None, "3d_fullres", 0, None)
     assert {name: getattr(paper, name) for name in plugin_defaults} == trainers["PAPER"]
     assert trainers["PAPER"]["bcp_labeled_loss_weight"] == 0.0 and paper.bcp_pretrain_epochs == 0
-    from nnunetv2_bcp.training.nnUNetTrainerBCP import STAGE_TWO_SETTINGS
-    assert set(trainers["PAPER"]) == set(STAGE_TWO_SETTINGS)  # a new stage-2 setting needs its paper value here
+    from nnunetv2_bcp.training.nnUNetTrainerBCP import STAGE_SETTINGS, STAGE_TWO_SETTINGS
+    # a new setting needs its paper value here (the stage 1 length as a share of the schedule)
+    stage_one = set(STAGE_SETTINGS) - {"bcp_pretrain_epochs"} | {"bcp_pretrain_fraction"}
+    assert set(trainers["PAPER"]) == set(STAGE_TWO_SETTINGS) | stage_one
     monkeypatch.setenv("BENCH_SETTINGS", json.dumps({"bcp_labeled_loss_weight": 1}))
     changed = trainers["BenchBCP"](None, "3d_fullres", 0, None)
     assert changed.bcp_labeled_loss_weight == 1 and changed.bcp_alpha == trainers["PAPER"]["bcp_alpha"] == 0.5

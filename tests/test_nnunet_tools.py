@@ -102,7 +102,7 @@ from nnunetv2_bcp.training.nnUNetTrainerBCP import nnUNetTrainerBCP
 
 
 class nnUNetTrainerBCP_tools(nnUNetTrainerBCP):
-    """One epoch of one iteration (stage 2 from the start: a fifth of one epoch rounds to none)."""
+    """One epoch of one iteration (stage 2 from the start: half of one epoch rounds to none)."""
     def __init__(self, plans, configuration, fold, dataset_json, device=None):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = 1

@@ -26,12 +26,15 @@ def test_stage_lengths_follow_num_epochs_set_after_init(synthetic_3d):
             self.num_epochs = 100
 
     shorter = _new(Shorter, synthetic_3d)
-    assert (shorter.pretrain_epochs(), shorter.max_pretrain_epochs()) == (20, 50)
+    assert (shorter.pretrain_epochs(), shorter.max_pretrain_epochs()) == (50, 50)
     settings = shorter.bcp_settings()
-    assert settings["bcp_pretrain_epochs"] == 20 and settings["bcp_max_pretrain_epochs"] == 50
-    assert _new(nnUNetTrainerBCP_5epochs, synthetic_3d).pretrain_epochs() == 1
+    assert settings["bcp_pretrain_epochs"] == 50 and settings["bcp_max_pretrain_epochs"] == 50
+    assert _new(nnUNetTrainerBCP_5epochs, synthetic_3d).pretrain_epochs() == 2
     shorter.bcp_pretrain_epochs = 7  # set by the user: kept
-    assert shorter.pretrain_epochs() == 7 and shorter.max_pretrain_epochs() == 50
+    # stage 1 decays its own learning rate to its end: it is not lengthened unless the schedule runs on
+    assert shorter.pretrain_epochs() == 7 and shorter.max_pretrain_epochs() == 7
+    shorter.bcp_restart_lr = False
+    assert shorter.max_pretrain_epochs() == 50
 
 
 def test_a_stage_one_as_long_as_the_schedule_is_refused_before_training(synthetic_3d):
@@ -60,6 +63,7 @@ class _Batches:
 
 def test_stage_one_rule_judges_the_student_on_labeled_training_patches(trainer, tmp_path):
     trainer.bcp_teacher_initialized = False
+    trainer.bcp_restart_lr = False  # one decay over the run: stage 1 can go on
     trainer.bcp_pretrain_epochs, trainer.bcp_max_pretrain_epochs = 1, 10
     seg_layer = trainer.network.decoder.seg_layers[-1]
     with torch.no_grad():  # a student that predicts class 1 everywhere: class 2 is missed
@@ -158,3 +162,95 @@ def test_the_supervised_term_passes_on_its_own_with_the_gradient_of_one_pass_on_
     for name, grad in one_pass.items():
         assert torch.allclose(step_grads[name], grad, rtol=1e-4, atol=1e-7), name
     trainer.optimizer.zero_grad(set_to_none=True)
+
+
+def test_the_staged_schedule_is_nnunets_poly_decay_restarted_at_stage_two():
+    from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+    from nnunetv2_bcp.training.schedule import StagedPolyLRScheduler
+
+    def lrs(scheduler, epochs):
+        out = []
+        for e in epochs:
+            scheduler.step(e)
+            out.append(scheduler.optimizer.param_groups[0]["lr"])
+        return out
+
+    def sgd():
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+
+    staged = StagedPolyLRScheduler(sgd(), 0.01, 10, stage_one_epochs=4, restart=True)
+    # stage 1: nnU-Net's decay over its 4 epochs, then its last value while stage 1 goes on
+    assert np.allclose(lrs(staged, range(4)), lrs(PolyLRScheduler(sgd(), 0.01, 4), range(4)))
+    assert np.isclose(lrs(staged, [5])[0], lrs(PolyLRScheduler(sgd(), 0.01, 4), [3])[0])
+    staged.stage_two_start = 6  # stage 2: nnU-Net's decay again, over the 4 epochs left
+    assert np.allclose(lrs(staged, range(6, 10)), lrs(PolyLRScheduler(sgd(), 0.01, 4), range(4)))
+    assert lrs(staged, [6]) == [0.01]
+    plain = StagedPolyLRScheduler(sgd(), 0.01, 10, stage_one_epochs=4, restart=False)
+    plain.stage_two_start = 6
+    assert np.allclose(lrs(plain, range(10)), lrs(PolyLRScheduler(sgd(), 0.01, 10), range(10)))
+
+
+def test_the_default_stage_one_is_nnunets_own_step_and_the_papers_is_a_trainer(trainer, synthetic_3d, monkeypatch):
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2_bcp.training.variant_stage_one import nnUNetTrainerBCP_paperStageOne
+    seen = []
+    monkeypatch.setattr(nnUNetTrainer, "train_step", lambda self, batch: seen.append(batch) or {"loss": np.array(0.)})
+    trainer.bcp_teacher_initialized = False
+    labeled, _ = _batches(trainer, 0)
+    assert trainer.bcp_stage_one == "nnunet"
+    trainer.train_step(labeled)
+    assert seen[-1] is labeled  # not mixed
+    trainer.bcp_stage_one = "copy_paste"
+    trainer.train_step(labeled)
+    assert not torch.equal(seen[-1]["data"], labeled["data"])  # the labeled patches mixed with each other
+    paper = _new(nnUNetTrainerBCP_paperStageOne, synthetic_3d)
+    assert (paper.bcp_stage_one, paper.pretrain_epochs(), paper.max_pretrain_epochs()) == ("copy_paste", 200, 500)
+    paper.bcp_stage_one = "copy-paste"
+    with pytest.raises(SystemExit, match="bcp_stage_one='copy-paste' is none of"):
+        paper.on_train_start()
+
+
+def test_stage_two_restarts_the_learning_rate_with_fresh_momentum_and_a_resume_keeps_its_schedule(synthetic_3d,
+                                                                                                  tmp_path):
+    from nnunetv2_bcp import nnUNetTrainerBCP
+
+    class TenEpochs(nnUNetTrainerBCP):
+        def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+            super().__init__(plans, configuration, fold, dataset_json, device)
+            self.num_epochs, self.bcp_pretrain_epochs, self.bcp_pretrain_min_dice = 10, 4, 0
+
+    def lr(t):
+        return t.optimizer.param_groups[0]["lr"]
+
+    t = _new(TenEpochs, synthetic_3d)
+    t.initialize()
+    labeled, _ = _batches(t, 0)
+    t.current_epoch = 3
+    t.on_train_epoch_start()
+    assert np.isclose(lr(t), 0.01 * (1 - 3 / 4) ** 0.9) and not t.in_stage_two()
+    t.train_step(labeled)  # nnU-Net's step: momentum buffers
+    assert t.optimizer.state
+    t.current_epoch = 4
+    t.on_train_epoch_start()
+    assert t.in_stage_two() and t.bcp_stage_two_start_epoch == 4
+    assert lr(t) == t.initial_lr and not t.optimizer.state
+    for a, b in zip(t.teacher.state_dict().values(), t.network.state_dict().values()):
+        assert torch.equal(a, b)
+    assert "BCP stage 2 from epoch 4: teacher initialised from the student; the learning rate restarts" in \
+        open(t.log_file).read()
+    t.current_epoch = 6
+    path = str(tmp_path / "checkpoint_latest.pth")
+    t.save_checkpoint(path)
+    resumed = _new(TenEpochs, synthetic_3d)
+    resumed.load_checkpoint(path)  # --c: nnU-Net continues with epoch 7
+    resumed._schedule_follows_the_stages()  # what on_train_start does
+    resumed.on_train_epoch_start()
+    assert resumed.current_epoch == 7 and np.isclose(lr(resumed), 0.01 * (1 - 3 / 6) ** 0.9)
+
+    without = _new(TenEpochs, synthetic_3d)  # one decay over the run: the paper's schedule
+    without.bcp_restart_lr = False
+    without.initialize()
+    without.train_step(labeled)
+    without.current_epoch = 4
+    without.on_train_epoch_start()
+    assert without.in_stage_two() and np.isclose(lr(without), 0.01 * (1 - 4 / 10) ** 0.9) and without.optimizer.state

@@ -1,7 +1,7 @@
 """Short-schedule trainers of the demo: the same schedule for the labeled-only baseline and for BCP.
 
 Schedule from the environment (set by ``nnUNetv2_bcp_demo``): ``BCP_DEMO_EPOCHS`` (default 12),
-``BCP_DEMO_ITERATIONS`` per epoch (default 20); BCP's stage 1 follows the schedule (the default fifth of the epochs).
+``BCP_DEMO_ITERATIONS`` per epoch (default 20); BCP's stage 1 follows the schedule (the default half of the epochs).
 """
 import os
 

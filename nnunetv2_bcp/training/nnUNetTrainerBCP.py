@@ -12,6 +12,7 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import join, save_json
 from nnunetv2.paths import nnUNet_raw
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
@@ -25,6 +26,7 @@ from nnunetv2_bcp.training.diagnostics import (LOW_PSEUDO_LABEL_SHARE, classes_b
 from nnunetv2_bcp.training.checkpoint import (incompatibility, remove_stale_checkpoint_temporaries,
                                               save_nnunet_checkpoint_with)
 from nnunetv2_bcp.training.nnUNetTrainerLabelSubset import LabelSubsetMixin
+from nnunetv2_bcp.training.schedule import StagedPolyLRScheduler
 from nnunetv2_bcp.training.start_from_model import ContinueOnlyWhereStartedFromModel
 from nnunetv2_bcp.unlabeled.loader import (UnlabeledDataset, make_unlabeled_stream, shutdown_stream,
                                            unlabeled_augmentation_workers)
@@ -32,9 +34,10 @@ from nnunetv2_bcp.unlabeled.preprocess import unlabeled_cases_for_training
 from nnunetv2_bcp.unlabeled.raw import UNLABELED_FOLDER, UnlabeledDataError
 from nnunetv2_bcp.unlabeled.weak_view import split_views, with_weak_view
 
-# Share of the schedule spent in stage 1. The reference code pre-trains 10k of 40k iterations on ACDC (25%) and
-# 2k of 17k on LA (12%); 20% lies between the two.
-PRETRAIN_FRACTION = 0.2
+# Share of the schedule spent in stage 1. Stage 1 is nnU-Net's own training on the labeled cases and the learning rate
+# restarts at stage 2: one run of the recipe measured on the label-scarce benchmark (a labeled-only nnU-Net model
+# trained to its end, then BCP from it with a fresh schedule of as many iterations; docs/benchmarks.md).
+PRETRAIN_FRACTION = 0.5
 # Stage 1 goes on past its length while the student's Dice of some class on its labeled training patches is below
 # this, up to this share of the schedule: a teacher that cannot see a class teaches the student to miss it.
 PRETRAIN_MIN_DICE = 0.1
@@ -51,23 +54,26 @@ LARGEST_COMPONENT_SAMPLE_CASES = 100
 # between the start and the resume; a checkpoint written before a setting existed gets that earlier value.
 STAGE_TWO_SETTINGS = {"bcp_alpha": None, "bcp_labeled_loss_weight": 0.0, "bcp_teacher_weak_view": False,
                       "bcp_ema_decay": None, "bcp_mask_ratio": None, "bcp_largest_component": None}
-
-
-def default_pretrain_epochs(num_epochs: int) -> int:
-    return int(round(PRETRAIN_FRACTION * num_epochs))
+# The same for the stages: what stage 1 trains, its length, whether the learning rate restarts at stage 2.
+STAGE_SETTINGS = {"bcp_stage_one": "copy_paste", "bcp_pretrain_epochs": None, "bcp_restart_lr": False}
+STAGE_ONE_KINDS = ("nnunet", "copy_paste")
 
 
 class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUNetTrainer):
     """BCP semi-supervised training. Knobs (override in a subclass, nnU-Net's way):
 
-    ``bcp_pretrain_epochs`` (stage 1 length; unset: a fifth of ``num_epochs``), ``bcp_pretrain_min_dice`` and
-    ``bcp_max_pretrain_epochs`` (stage 1 goes on, up to the latter, while the student's Dice of a class on its
-    labeled training patches is below the former; 0 turns this off), ``bcp_alpha`` (weight of unlabeled-origin
-    voxels, 0.5), ``bcp_labeled_loss_weight`` (nnU-Net's loss on the un-mixed labeled patches beside the BCP loss,
-    1; 0 = the paper's loss alone), ``bcp_teacher_weak_view`` (the teacher labels a view without intensity
-    augmentation), ``bcp_ema_decay`` (λ, 0.99), ``bcp_mask_ratio`` (β, 2/3), ``bcp_largest_component`` (keep the largest
-    component of a class's pseudo-labels: "auto" per class from the labeled cases, True, False, or a list of label
-    values / region indices),
+    ``bcp_stage_one`` (what stage 1 trains on the labeled cases: "nnunet", nnU-Net's own step, or "copy_paste",
+    the paper's copy-paste between labeled patches), ``bcp_pretrain_epochs`` (stage 1 length; unset:
+    ``bcp_pretrain_fraction`` of ``num_epochs``, a half), ``bcp_restart_lr`` (stage 2 restarts nnU-Net's poly
+    schedule from ``initial_lr`` with a fresh optimiser state, as a model continued by a second training would;
+    else one decay over the whole run), ``bcp_pretrain_min_dice`` and ``bcp_max_pretrain_epochs`` (stage 1 goes
+    on, up to the latter, while the student's Dice of a class on its labeled training patches is below the former;
+    0 turns this off; with a restart stage 1 has decayed to its end and is not lengthened: it warns),
+    ``bcp_alpha`` (weight of unlabeled-origin voxels, 0.5), ``bcp_labeled_loss_weight`` (nnU-Net's loss on the
+    un-mixed labeled patches beside the BCP loss, 1; 0 = the paper's loss alone), ``bcp_teacher_weak_view`` (the
+    teacher labels a view without intensity augmentation), ``bcp_ema_decay`` (λ, 0.99), ``bcp_mask_ratio`` (β,
+    2/3), ``bcp_largest_component`` (keep the largest component of a class's pseudo-labels: "auto" per class from
+    the labeled cases, True, False, or a list of label values / region indices),
     plus nnU-Net's ``num_epochs``, ``num_iterations_per_epoch``, ``num_val_iterations_per_epoch``.
     """
 
@@ -75,7 +81,11 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
         # None: a share of num_epochs as it stands when training starts (subclasses often set num_epochs after this)
+        self.bcp_stage_one = "nnunet"
         self.bcp_pretrain_epochs = None
+        self.bcp_pretrain_fraction = PRETRAIN_FRACTION
+        self.bcp_restart_lr = True
+        self.bcp_stage_two_start_epoch = None  # set when stage 2 begins
         self.bcp_pretrain_min_dice = PRETRAIN_MIN_DICE
         self.bcp_max_pretrain_epochs = None
         self.bcp_alpha = 0.5
@@ -98,7 +108,8 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
 
     # ------------------------------------------------------------------ set-up
     def bcp_settings(self) -> dict:
-        return {"bcp_pretrain_epochs": self.pretrain_epochs(), "bcp_pretrain_min_dice": self.bcp_pretrain_min_dice,
+        return {"bcp_stage_one": self.bcp_stage_one, "bcp_pretrain_epochs": self.pretrain_epochs(),
+                "bcp_restart_lr": self.bcp_restart_lr, "bcp_pretrain_min_dice": self.bcp_pretrain_min_dice,
                 "bcp_max_pretrain_epochs": self.max_pretrain_epochs(), "bcp_alpha": self.bcp_alpha,
                 "bcp_labeled_loss_weight": self.bcp_labeled_loss_weight,
                 "bcp_teacher_weak_view": self.bcp_teacher_weak_view,
@@ -191,15 +202,40 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
         return dataloader_train, dataloader_val
 
     def check_stage_lengths(self) -> None:
-        """Refuse, before any work, a stage 1 that would take the whole schedule."""
+        """Refuse, before any work, a stage 1 that would take the whole schedule or is of an unknown kind."""
+        if self.bcp_stage_one not in STAGE_ONE_KINDS:
+            raise SystemExit(f"ERROR ({self.__class__.__name__}): bcp_stage_one={self.bcp_stage_one!r} is none of "
+                             f"{list(STAGE_ONE_KINDS)}")
         if not self.in_stage_two() and self.pretrain_epochs() >= self.num_epochs:
             raise SystemExit(f"ERROR ({self.__class__.__name__}): bcp_pretrain_epochs={self.pretrain_epochs()} is not "
                              f"below num_epochs={self.num_epochs}, so stage 2 (BCP) would never start. Lower "
-                             f"bcp_pretrain_epochs or leave it unset (then it is {PRETRAIN_FRACTION:g} of num_epochs).")
+                             f"bcp_pretrain_epochs or leave it unset (then it is {self.bcp_pretrain_fraction:g} of "
+                             f"num_epochs).")
+
+    def configure_optimizers(self):
+        """nnU-Net's optimiser and poly schedule, the latter restartable at stage 2 (a trainer that brings another
+        schedule keeps it, and its learning rate does not restart)."""
+        optimizer, lr_scheduler = super().configure_optimizers()
+        if type(lr_scheduler) is PolyLRScheduler:
+            lr_scheduler = StagedPolyLRScheduler(optimizer, lr_scheduler.initial_lr, lr_scheduler.max_steps,
+                                                 self.pretrain_epochs(), self.bcp_restart_lr, lr_scheduler.exponent)
+        return optimizer, lr_scheduler
+
+    def restarts_lr(self) -> bool:
+        """Whether the learning rate restarts at stage 2 (not under a schedule another trainer brings)."""
+        foreign = self.lr_scheduler is not None and not isinstance(self.lr_scheduler, StagedPolyLRScheduler)
+        return self.bcp_restart_lr and not foreign
+
+    def _schedule_follows_the_stages(self) -> None:
+        if isinstance(self.lr_scheduler, StagedPolyLRScheduler):
+            self.lr_scheduler.restart = self.bcp_restart_lr
+            self.lr_scheduler.stage_one_epochs = self.pretrain_epochs()
+            self.lr_scheduler.stage_two_start = self.bcp_stage_two_start_epoch
 
     def on_train_start(self):
         self.check_stage_lengths()
         super().on_train_start()
+        self._schedule_follows_the_stages()  # the settings as resolved, or as kept from the checkpoint under --c
         self.largest_component_classes()  # decided (and a wrong setting refused) before any training
         if self.is_ddp:  # for the directions of the global batch (draw_directions)
             import torch.distributed as dist
@@ -235,9 +271,11 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
         """Stage 1 length: ``bcp_pretrain_epochs`` if set, else a share of ``num_epochs`` as it stands now."""
         if self.bcp_pretrain_epochs is not None:
             return self.bcp_pretrain_epochs
-        return default_pretrain_epochs(self.num_epochs)
+        return int(round(self.bcp_pretrain_fraction * self.num_epochs))
 
     def max_pretrain_epochs(self) -> int:
+        if self.restarts_lr():  # stage 1's schedule has decayed to its end: more of it would not teach a missed class
+            return self.pretrain_epochs()
         if self.bcp_max_pretrain_epochs is not None:
             return self.bcp_max_pretrain_epochs
         return max(self.pretrain_epochs(), int(round(MAX_PRETRAIN_FRACTION * self.num_epochs)))
@@ -292,13 +330,26 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
             return (2 * tp / (2 * tp + fp + fn)).tolist()
 
     def on_train_epoch_start(self):
-        super().on_train_epoch_start()
         if not self.in_stage_two() and self.start_stage_two_now():
-            # stage 1 -> 2: the pre-trained student initialises the teacher
-            self.teacher.load_state_dict(unwrap_network(self.network).state_dict())
-            self.bcp_teacher_initialized = True
-            self.print_to_log_file("BCP stage 2: teacher initialised from the student")
+            self.begin_stage_two()
+        super().on_train_epoch_start()  # nnU-Net's, with the learning rate of the stage this epoch belongs to
         self.print_to_log_file(f"BCP stage {2 if self.in_stage_two() else 1}")
+
+    def begin_stage_two(self) -> None:
+        """Stage 1 -> 2 at the start of this epoch: the trained student initialises the teacher; with a restart, the
+        poly schedule starts again and the optimiser's momentum is cleared, as for a model continued by a new
+        training."""
+        self.teacher.load_state_dict(unwrap_network(self.network).state_dict())
+        self.bcp_teacher_initialized = True
+        self.bcp_stage_two_start_epoch = self.current_epoch
+        self._schedule_follows_the_stages()
+        restart = ""
+        if self.restarts_lr():
+            self.optimizer.state.clear()
+            restart = (f"; the learning rate restarts at {self.initial_lr} and decays over the remaining "
+                       f"{self.num_epochs - self.current_epoch} epochs, the optimiser's momentum cleared")
+        self.print_to_log_file(f"BCP stage 2 from epoch {self.current_epoch}: teacher initialised from the "
+                               f"student{restart}")
 
     def _autocast(self):
         return autocast(self.device.type, enabled=True) if self.device.type == 'cuda' else dummy_context()
@@ -313,7 +364,10 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
         return self.stage_two_step(batch, next(self.dataloader_unlabeled))
 
     def stage_one_step(self, batch: dict) -> dict:
-        """Copy-paste between the labeled patches of the batch, then nnU-Net's ordinary step and loss."""
+        """nnU-Net's own step on the labeled batch ("nnunet"), or the paper's: copy-paste between the labeled patches
+        of the batch, then nnU-Net's step and loss ("copy_paste")."""
+        if self.bcp_stage_one == "nnunet":
+            return super().train_step(batch)
         data = batch['data'].to(self.device, non_blocking=True)
         targets = [t.to(self.device, non_blocking=True) for t in _as_list(batch['target'])]
         mask = self._random_mask(data.shape[0])
@@ -558,6 +612,7 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
     def bcp_state(self) -> dict:
         """What a BCP checkpoint holds beside nnU-Net's entries."""
         return {'teacher_weights': self.teacher.state_dict(), 'teacher_initialized': self.bcp_teacher_initialized,
+                'stage_two_start_epoch': self.bcp_stage_two_start_epoch,
                 'iteration': self.bcp_iteration, 'student_train_dice': self.bcp_student_train_dice,
                 'settings': self.bcp_settings()}
 
@@ -587,14 +642,18 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
         self.teacher.load_state_dict(bcp['teacher_weights'])
         self.bcp_teacher_initialized = bcp['teacher_initialized']
         self.bcp_iteration = bcp['iteration']
+        self.bcp_stage_two_start_epoch = bcp.get('stage_two_start_epoch')
         self.bcp_student_train_dice = bcp.get('student_train_dice')
         if 'settings' in bcp:
             self.keep_settings_of_the_checkpoint(bcp['settings'], path)
+        if self.in_stage_two() and self.bcp_stage_two_start_epoch is None:  # written before the stage start was kept
+            self.bcp_restart_lr = False
 
     def keep_settings_of_the_checkpoint(self, saved: dict, source: str) -> None:
-        """Continue with the stage-2 settings the run was started with where this trainer's differ (say which)."""
+        """Continue with the settings of the stages the run was started with where this trainer's differ (say
+        which)."""
         kept = []
-        for name, before_it_existed in STAGE_TWO_SETTINGS.items():
+        for name, before_it_existed in {**STAGE_SETTINGS, **STAGE_TWO_SETTINGS}.items():
             theirs = saved.get(name, before_it_existed)
             ours = getattr(self, name)
             if theirs is not None and theirs != ours:

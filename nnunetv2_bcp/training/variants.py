@@ -1,5 +1,5 @@
 """Epoch-count variants, named like nnU-Net's ``nnUNetTrainer_Xepochs``. They set only ``num_epochs``: the stage
-lengths follow it when training starts (stage 1 is a fifth of the schedule unless ``bcp_pretrain_epochs`` is set)."""
+lengths follow it when training starts (stage 1 is half of the schedule unless ``bcp_pretrain_epochs`` is set)."""
 import torch
 
 from nnunetv2_bcp.training.nnUNetTrainerBCP import nnUNetTrainerBCP
