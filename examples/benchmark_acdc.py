@@ -64,8 +64,7 @@ ARM_TRAINERS = {"labeled": "BenchLabeled", "labeled_continue": "BenchLabeled", "
                 "pseudo_continue": "BenchCeiling", "bcp": "BenchBCP", "ceiling": "BenchCeiling"}
 # BenchBCP trains the paper's configuration changed by its settings: these make it the plugin's defaults (the stages'
 # only from scratch: a continuation has no stage 1)
-PLUGIN_DEFAULTS = {"bcp_labeled_loss_weight": 1, "bcp_largest_component": "auto"}
-PLUGIN_STAGE_DEFAULTS = {"bcp_stage_one": "nnunet", "bcp_pretrain_fraction": 0.5, "bcp_restart_lr": True}
+PLUGIN_DEFAULTS, PLUGIN_STAGE_DEFAULTS = common.PLUGIN_DEFAULTS, common.PLUGIN_STAGE_DEFAULTS
 
 
 # ------------------------------------------------------------------------------------------------------- data

@@ -152,6 +152,10 @@ class BenchCeiling(_BenchInference, _AtomicCheckpoints, nnUNetTrainer):
         _schedule(self)
         _settings(self)
 '''
+# The plugin's defaults, as changes of the benchmark's PAPER configuration (run --plugin-defaults; a test compares
+# them with nnUNetTrainerBCP's own): stage 2's, and for a run from scratch the stages'.
+PLUGIN_DEFAULTS = {"bcp_labeled_loss_weight": 1, "bcp_largest_component": "auto"}
+PLUGIN_STAGE_DEFAULTS = {"bcp_stage_one": "nnunet", "bcp_pretrain_fraction": 0.5, "bcp_restart_lr": True}
 ARM_TRAINERS = {"labeled": "BenchLabeled", "bcp": "BenchBCP", "ceiling": "BenchCeiling",
                 "labeled_continue": "BenchLabeled", "bcp_continue": "BenchBCP"}
 CONTINUE_ARMS = ("labeled_continue", "bcp_continue")
@@ -356,8 +360,13 @@ def prepare(args):
 
 
 def settings_of(args) -> dict:
-    """The trainer settings of a run: ``--bcp`` plus the older ``--bcp-pretrain-epochs``/``--bcp-alpha``."""
-    settings = parse_settings(getattr(args, "bcp", None))
+    """The trainer settings of a run: the plugin's defaults if asked for (a BCP arm), then ``--bcp``, then the older
+    ``--bcp-pretrain-epochs``/``--bcp-alpha``."""
+    settings = {}
+    arm = getattr(args, "arm", None)
+    if getattr(args, "plugin_defaults", False) and arm in BCP_ARMS:
+        settings.update(PLUGIN_DEFAULTS, **(PLUGIN_STAGE_DEFAULTS if arm == "bcp" else {}))
+    settings.update(parse_settings(getattr(args, "bcp", None)))
     if getattr(args, "bcp_pretrain_epochs", None) is not None:
         settings["bcp_pretrain_epochs"] = args.bcp_pretrain_epochs
     if getattr(args, "bcp_alpha", None) is not None:
@@ -970,7 +979,7 @@ def pseudo(args):
         f.write(json.dumps(result) + "\n")
 
 
-def main():
+def command_line() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare")
@@ -985,9 +994,12 @@ def main():
                    help="continuation arms: the kept run to start from (default: the seed's labeled_k<K>_s<S>, "
                         "trained first if missing)")
     r.add_argument("--bcp-pretrain-epochs", type=int, default=None,
-                   help="bcp arm: stage-1 epochs (default: nnUNetTrainerBCP's 20%% of the epochs)")
+                   help="bcp arm: stage-1 epochs (default: the paper's fifth of the epochs; --plugin-defaults: half)")
     r.add_argument("--bcp-alpha", type=float, default=None,
                    help="bcp arms: weight of the unlabeled-origin loss (default: nnUNetTrainerBCP's 0.5)")
+    r.add_argument("--plugin-defaults", action="store_true",
+                   help="bcp arms: train the plugin's defaults (PLUGIN_DEFAULTS, from scratch also "
+                        "PLUGIN_STAGE_DEFAULTS), written out in the run name and row; --bcp on top")
     o = sub.add_parser("protocol", help="L per seed if missing, then (a) and (b) continued from it")
     o.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     o.add_argument("--jobs", type=int, default=1, help="runs at once")
@@ -1032,7 +1044,11 @@ def main():
         q.add_argument("--seed", type=int, default=0, help="prepare: the test split; run: the label subset; pseudo: "
                                                            "the label subset of run names without a seed")
         q.add_argument("--results", default=RESULTS)
-    args = parser.parse_args()
+    return parser
+
+
+def main():
+    args = command_line().parse_args()
     args.work_dir = os.path.abspath(args.work_dir)
     {"prepare": prepare, "run": run, "protocol": protocol, "table": table, "compare": table, "figure": figure,
      "curves": curves, "pseudo": pseudo}[args.command](args)

@@ -654,3 +654,42 @@ def test_acdc_benchmark_table_pairs_the_arms_that_started_from_the_same_model(tm
     bcp = [line for line in text.splitlines() if line.startswith("| (b)")]
     assert "+0.1000 [+0.1000, +0.1000], 5/5" in bcp[0] and "+0.0500 [" in bcp[0]  # vs (a) and vs (c)
     assert "| 500 | 0.9000 |" in bcp[1] and "+0." not in bcp[1]
+
+
+def test_the_benchmarks_plugin_defaults_are_the_trainers_own(synthetic_3d):
+    """``run --plugin-defaults`` (and ACDC's arms (b), (d)) change the benchmark's PAPER configuration into what
+    ``nnUNetTrainerBCP`` trains by default: a default changed in the trainer must change them too."""
+    from nnunetv2_bcp import nnUNetTrainerBCP
+    bench = _load("benchmark_label_scarce")
+    trainers = {}
+    exec(compile(bench.TRAINERS, "bcp_benchmark_trainers.py", "exec"), trainers)
+    plans = dict(load_json(join(synthetic_3d["preprocessed"], "nnUNetPlans.json")), continue_training=False)
+    dataset_json = load_json(join(synthetic_3d["preprocessed"], "dataset.json"))
+    plugin = nnUNetTrainerBCP(plans, "3d_fullres", 0, dataset_json, torch.device("cpu"))
+    from_scratch = {**trainers["PAPER"], **bench.PLUGIN_DEFAULTS, **bench.PLUGIN_STAGE_DEFAULTS}
+    assert from_scratch == {name: getattr(plugin, name) for name in from_scratch}
+    args = argparse.Namespace(arm="bcp", plugin_defaults=True, bcp=["bcp_alpha=0.25"], bcp_pretrain_epochs=None,
+                              bcp_alpha=None)
+    assert bench.settings_of(args) == {**bench.PLUGIN_DEFAULTS, **bench.PLUGIN_STAGE_DEFAULTS, "bcp_alpha": 0.25}
+    args.arm = "bcp_continue"  # a continuation has no stage 1
+    assert bench.settings_of(args) == {**bench.PLUGIN_DEFAULTS, "bcp_alpha": 0.25}
+    assert _load("benchmark_acdc").PLUGIN_DEFAULTS == bench.PLUGIN_DEFAULTS
+
+
+def test_device_one_command_script_pairs_the_plugins_defaults_with_nnunet_per_seed(tmp_path):
+    """examples/device/one_command.sh, DRY_RUN: per seed, BCP from scratch in the plugin's defaults (stages included)
+    and nnU-Net on the same labeled cases, at the same iterations; every command parses."""
+    import shlex
+    import subprocess
+    import sys
+    bench = _load("benchmark_label_scarce")
+    script = os.path.join(EXAMPLES, "device", "one_command.sh")
+    done = subprocess.run(["bash", script], env={**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path / "o"),
+                                                 "PYTHON": sys.executable}, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    runs = [bench.command_line().parse_args(shlex.split(line)[2:]) for line in done.stdout.splitlines()]
+    assert [(a.arm, a.seed, a.k, a.iterations) for a in runs] == [
+        (arm, seed, 2, 2000) for seed in range(3) for arm in ("bcp", "labeled")]
+    for a in runs:
+        expected = {**bench.PLUGIN_DEFAULTS, **bench.PLUGIN_STAGE_DEFAULTS} if a.arm == "bcp" else {}
+        assert bench.settings_of(a) == expected
