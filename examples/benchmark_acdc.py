@@ -117,29 +117,130 @@ def write_nifti(array, path: str) -> None:
 
 
 def convert(acdc: str, raw_root: str) -> str:
-    """Training and validation volumes with their labels in imagesTr/labelsTr, the test volumes' images in imagesTs;
-    ``acdc_split.json`` records the lists and the labeled sets."""
+    """ACDC's h5 distribution -> nnU-Net's raw layout (``write_raw``)."""
+    train = open(join(acdc, "train.list")).read().split()
+    val = open(join(acdc, "val.list")).read().split()
+    test = sorted(f[:-len(".h5")] for f in os.listdir(join(acdc, "test_images")) if f.endswith(".h5"))
+    return write_raw(raw_root, train, val, test, labeled_sets(acdc),
+                     lambda volume, is_test: read_volume(acdc, volume, "test_images" if is_test else "data"))
+
+
+def write_raw(raw_root: str, train: list, val: list, test: list, sets: dict, read, omitted: list = ()) -> str:
+    """Training and validation volumes with their labels in imagesTr/labelsTr, the test volumes' images in imagesTs
+    (``read(volume, is_test)`` -> image, label); ``acdc_split.json`` records the lists, the labeled sets and the
+    training volumes a compact copy left out."""
     folder = join(raw_root, DATASET_NAME)
     for sub in ("imagesTr", "labelsTr", "imagesTs"):
         maybe_mkdir_p(join(folder, sub))
-    train = open(join(acdc, "train.list")).read().split()
-    val = open(join(acdc, "val.list")).read().split()
     for volume in train + val:
-        image, label = read_volume(acdc, volume)
+        image, label = read(volume, False)
         write_nifti(image.astype(np.float32), join(folder, "imagesTr", f"{volume}_0000.nii.gz"))
         write_nifti(label.astype(np.uint8), join(folder, "labelsTr", f"{volume}.nii.gz"))
-    test = sorted(f[:-len(".h5")] for f in os.listdir(join(acdc, "test_images")) if f.endswith(".h5"))
     for volume in test:
-        image, _ = read_volume(acdc, volume, "test_images")
+        image, _ = read(volume, True)
         write_nifti(image.astype(np.float32), join(folder, "imagesTs", f"{volume}_0000.nii.gz"))
     save_json({"channel_names": {"0": "cineMRI"}, "labels": LABELS, "file_ending": ".nii.gz",
                "numTraining": len(train) + len(val), "name": "ACDC",
                "description": "ACDC 2017 ED/ES frames from the SSL4MIS/BCP h5 distribution; nominal spacing "
                               f"{NOMINAL_SPACING} mm (x, y, z); the standard train/val lists, test images in imagesTs"},
               join(folder, "dataset.json"), sort_keys=False)
-    save_json({"train": train, "val": val, "test": test, "labeled_sets": labeled_sets(acdc)},
+    save_json({"train": train, "val": val, "test": test, "labeled_sets": sets, "omitted_train": list(omitted)},
               join(folder, "acdc_split.json"), sort_keys=False)
     return folder
+
+
+# ACDC for a machine that gets at most 64 MiB per call (the device tool's): each volume's image as the integers it was
+# normalised from (uint16, one step per volume; the step back gives the float image to 1e-4) in an xz-compressed
+# .npy, its label beside it; the test images in a folder of their own (they travel in another call).
+COMPACT_MANIFEST = "acdc_compact.json"
+
+
+def _write_compact_volume(folder: str, volume: str, image, label) -> tuple:
+    """Write one volume; return ([step, offset] back to the float image, bytes written)."""
+    import io
+    import lzma
+    values = np.unique(image)
+    step, offset = (float(np.diff(values).min()) if len(values) > 1 else 1.0), 0.0
+    integers = np.round(image / step)
+    if values[0] < 0 or integers.max() > np.iinfo(np.uint16).max or np.abs(integers * step - image).max() > 1e-4:
+        offset = float(values[0])  # not integers: 16-bit steps from the minimum
+        step = float(values[-1] - offset) / np.iinfo(np.uint16).max or 1.0
+        integers = np.round((image - offset) / step)
+    size = 0
+    for suffix, array in (("image", integers.astype(np.uint16)), ("label", label)):
+        if array is None:
+            continue
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(array))
+        path = join(folder, f"{volume}_{suffix}.npy.xz")
+        with open(path, "wb") as f:
+            f.write(lzma.compress(buffer.getvalue(), preset=9 | lzma.PRESET_EXTREME))
+        size += os.path.getsize(path)
+    return [step, offset], size
+
+
+def compact(args):
+    """The validation volumes, every labeled set's patients and as many other training patients (whole, in a seeded
+    order) as ``--max-mb`` allows into ``--out``; the test images into ``--out-test``."""
+    acdc = os.path.abspath(args.acdc)
+    train = open(join(acdc, "train.list")).read().split()
+    val = open(join(acdc, "val.list")).read().split()
+    test = sorted(f[:-len(".h5")] for f in os.listdir(join(acdc, "test_images")) if f.endswith(".h5"))
+    sets = labeled_sets(acdc)
+    labeled = {p for patients in sets.values() for p in patients}
+    others = sorted(set(patients_of(train)) - labeled)
+    others = [others[i] for i in np.random.default_rng(args.seed).permutation(len(others))]
+    for folder, volumes, limit in ((args.out, None, args.max_mb), (args.out_test, test, None)):
+        maybe_mkdir_p(folder)
+        steps, total, kept = {}, 0, []
+        if volumes is None:  # training side: validation and labeled patients first, then the others while they fit
+            groups = [val, [v for v in train if v.split("_")[0] in labeled]]
+            groups += [[v for v in train if v.split("_")[0] == p] for p in others]
+        else:
+            groups = [volumes]
+        for i, group in enumerate(groups):
+            sizes = {}
+            for volume in group:
+                image, label = read_volume(acdc, volume, "test_images" if volumes is not None else "data")
+                steps[volume], sizes[volume] = _write_compact_volume(folder, volume, image, label)
+            if limit is not None and i >= 2 and total + sum(sizes.values()) > limit * 1e6:
+                for volume in group:  # the patient does not fit: left out
+                    steps.pop(volume)
+                    for suffix in ("image", "label"):
+                        os.remove(join(folder, f"{volume}_{suffix}.npy.xz"))
+                continue
+            total += sum(sizes.values())
+            kept += group
+        omitted = [v for v in train if v not in kept] if volumes is None else []
+        save_json({"train": [v for v in train if v in kept] if volumes is None else [],
+                   "val": val if volumes is None else [], "test": test, "labeled_sets": sets,
+                   "omitted_train": omitted, "steps": steps}, join(folder, COMPACT_MANIFEST), sort_keys=False)
+        print(f"{folder}: {len(steps)} volumes, {total / 1e6:.1f} MB"
+              + (f"; {len(omitted)} unlabeled training volumes left out" if volumes is None else ""), flush=True)
+
+
+def convert_compact(folders: list, raw_root: str) -> str:
+    """``compact``'s folders (training side, test side) -> nnU-Net's raw layout (``write_raw``)."""
+    import io
+    import lzma
+    manifests = {folder: load_json(join(folder, COMPACT_MANIFEST)) for folder in folders}
+    where = {volume: folder for folder, m in manifests.items() for volume in m["steps"]}
+    first = next(m for m in manifests.values() if m["train"])
+
+    def load(folder, name):
+        with open(join(folder, name), "rb") as f:
+            return np.load(io.BytesIO(lzma.decompress(f.read())))
+
+    def read(volume, is_test):
+        if volume not in where:
+            raise SystemExit(f"{volume} is in none of {folders}: give the training and the test folders of compact")
+        folder = where[volume]
+        step, offset = manifests[folder]["steps"][volume]
+        image = load(folder, f"{volume}_image.npy.xz").astype(np.float32) * np.float32(step) + np.float32(offset)
+        return image, (None if is_test else load(folder, f"{volume}_label.npy.xz"))
+
+    return write_raw(raw_root, first["train"], first["val"], first["test"], first["labeled_sets"], read,
+                     first["omitted_train"])
 
 
 def plans_name(batch_size: int) -> str:
@@ -148,7 +249,10 @@ def plans_name(batch_size: int) -> str:
 
 def prepare(args):
     env = common.environment(args.work_dir)
-    folder = convert(os.path.abspath(args.acdc), env["nnUNet_raw"])
+    if args.compact:
+        folder = convert_compact([os.path.abspath(f) for f in args.compact], env["nnUNet_raw"])
+    else:
+        folder = convert(os.path.abspath(args.acdc), env["nnUNet_raw"])
     common.sh(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", CONFIGURATION, "-np", "2"], env)
     pre = join(env["nnUNet_preprocessed"], DATASET_NAME)
     plans = load_json(join(pre, "nnUNetPlans.json"))
@@ -179,11 +283,12 @@ def label_subset(split: dict, labeled_set: str, splits: list) -> dict:
     return subset
 
 
-def run_name(arm: str, labeled_set: str, iterations: int, from_iterations: int = None) -> str:
-    """``labeled_paper3_it1000``, ``bcp_continue_paper3_it500_from1000``, ``ceiling_it1500``."""
+def run_name(arm: str, labeled_set: str, iterations: int, from_iterations: int = None, suffix: str = "") -> str:
+    """``labeled_paper3_it1000``, ``bcp_continue_paper3_it500_from1000``, ``ceiling_it1500``; ``suffix`` tells runs
+    of another series apart (e.g. ``_gpu``: another machine, a compact copy of the data)."""
     name = arm if arm == "ceiling" else f"{arm}_{labeled_set}"
     name += f"_it{iterations}"
-    return name + (f"_from{from_iterations}" if arm in CONTINUE_ARMS else "")
+    return name + (f"_from{from_iterations}" if arm in CONTINUE_ARMS else "") + suffix
 
 
 def validation_metrics(fold_folder: str) -> dict:
@@ -223,8 +328,11 @@ def pseudo_label_quality(env: dict, raw: str, target_raw: str, work: str, name: 
 
 
 def code_version() -> str:
-    """The commit the run's code is at, ``+changes`` when the work tree differs from it."""
+    """The commit the run's code is at, ``+changes`` when the work tree differs from it (``BENCH_CODE_VERSION`` where
+    the code travelled without its git history, e.g. to the device machine)."""
     import subprocess
+    if os.environ.get("BENCH_CODE_VERSION"):
+        return os.environ["BENCH_CODE_VERSION"]
     root = join(HERE, os.pardir)
     try:
         commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -250,6 +358,7 @@ def reproduce_command(args) -> str:
     parts += [f"--iterations {args.iterations}"]
     parts += [f"--from-iterations {args.from_iterations}"] * (args.arm in CONTINUE_ARMS)
     parts += [f"--test-images {args.test_images}"] * bool(args.test_images)
+    parts += [f"--name-suffix {args.name_suffix}"] * bool(args.name_suffix)
     return " ".join(parts)
 
 
@@ -265,12 +374,12 @@ def run(args) -> dict:
     subset = None if args.arm == "ceiling" else label_subset(split, args.labeled_set, splits)
     from_run = None
     if args.arm in CONTINUE_ARMS:
-        from_run = run_name("labeled", args.labeled_set, args.from_iterations)
+        from_run = run_name("labeled", args.labeled_set, args.from_iterations, suffix=args.name_suffix)
         if not isfile(join(work, "models", from_run, "fold_0", "checkpoint_final.pth")):
             print(f"{from_run} is not in {join(work, 'models')}: training it first", flush=True)
             run(argparse.Namespace(**{**vars(args), "arm": "labeled", "iterations": args.from_iterations}))
     start_checkpoint = join(work, "models", from_run, "fold_0", "checkpoint_final.pth") if from_run else None
-    name = run_name(args.arm, args.labeled_set, args.iterations, args.from_iterations)
+    name = run_name(args.arm, args.labeled_set, args.iterations, args.from_iterations, args.name_suffix)
     trainer = ARM_TRAINERS[args.arm]
     settings = {}
     if trainer == "BenchBCP":
@@ -340,6 +449,7 @@ def run(args) -> dict:
               "from_iterations": args.from_iterations if from_run else None, "settings": settings,
               "configuration": CONFIGURATION, "plans": plans, "batch_size": bench["batch_size"],
               "inference_mirroring": False, "device": args.device, "trainer": trainer,
+              "training_volumes_left_out": len(split.get("omitted_train", [])),  # by a compact copy
               "train_seconds": round(train_seconds), "seconds_per_iteration": round(train_seconds / iterations, 3),
               "wall_seconds": round(time.time() - start), **extra,
               "test_predictions": os.path.relpath(predictions, os.path.join(HERE, os.pardir)),
@@ -368,7 +478,7 @@ def protocol(args):
     skipped, a stopped one resumes."""
     base = [sys.executable, os.path.abspath(__file__), "run", "-w", args.work_dir, "--labeled-set", args.labeled_set,
             "--device", args.device, "--results", args.results, "--predictions", args.predictions,
-            "--iterations-per-epoch", str(args.iterations_per_epoch)]
+            "--iterations-per-epoch", str(args.iterations_per_epoch), "--name-suffix", args.name_suffix]
     if args.test_images:
         base += ["--test-images", args.test_images]
     total = args.from_iterations + args.iterations
@@ -377,7 +487,7 @@ def protocol(args):
         + [(arm, total) for arm in ("bcp", "ceiling") if arm in args.arms]
     first, rest = [], []
     for arm, iterations in planned:
-        name = run_name(arm, args.labeled_set, iterations, args.from_iterations)
+        name = run_name(arm, args.labeled_set, iterations, args.from_iterations, args.name_suffix)
         if common.model_done(args.work_dir, name):
             print(f"{name}: done before (its model is in {join(args.work_dir, 'models')})", flush=True)
             continue
@@ -487,6 +597,14 @@ def main():
     p = sub.add_parser("prepare")
     p.add_argument("--acdc", default=join(HERE, os.pardir, os.pardir, "shared", "data", "ACDC"))
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--compact", nargs="+", default=None, metavar="FOLDER",
+                   help="prepare from compact's folders (training side, test side) instead of --acdc")
+    k = sub.add_parser("compact", help="ACDC in at most --max-mb for a machine that gets 64 MiB per call")
+    k.add_argument("--acdc", default=join(HERE, os.pardir, os.pardir, "shared", "data", "ACDC"))
+    k.add_argument("--out", default=".device/acdc", help="training side [.device/acdc]")
+    k.add_argument("--out-test", default=".device/acdc_test", help="test images [.device/acdc_test]")
+    k.add_argument("--max-mb", type=float, default=62.0, help="size of the training side, MB [62]")
+    k.add_argument("--seed", type=int, default=0, help="order in which unlabeled patients are kept [0]")
     r = sub.add_parser("run")
     r.add_argument("--arm", required=True, choices=ARMS)
     r.add_argument("--labeled-set", default="paper3", help="paper3, paper7, random3_s1, random3_s2 [paper3]")
@@ -515,10 +633,11 @@ def main():
         q.add_argument("--iterations-per-epoch", type=int, default=common.DEFAULT_ITERATIONS_PER_EPOCH)
         q.add_argument("--device", default="cpu")
         q.add_argument("--test-images", default=None, help="another image folder to predict [ACDC's test images]")
+        q.add_argument("--name-suffix", default="", help="added to the run names of another series, e.g. _gpu")
     args = parser.parse_args()
     if hasattr(args, "work_dir"):
         args.work_dir = os.path.abspath(args.work_dir)
-    {"prepare": prepare, "run": run, "protocol": protocol, "table": table, "curve": curve,
+    {"prepare": prepare, "compact": compact, "run": run, "protocol": protocol, "table": table, "curve": curve,
      "score": score}[args.command](args)
 
 

@@ -627,6 +627,43 @@ def test_acdc_benchmark_converts_the_h5_distribution_and_keeps_test_patients_out
         acdc.label_subset(split, "paper5", splits)
 
 
+def test_acdc_compact_copy_prepares_the_same_raw_dataset_and_leaves_out_only_unlabeled_patients(tmp_path):
+    """``compact`` (ACDC for a machine that gets 64 MiB per call) and ``prepare --compact``: the same images (to 1e-6),
+    labels and split as from the h5 files; under a size limit the validation and labeled patients stay, and only
+    whole unlabeled patients are left out (recorded)."""
+    acdc = _load("benchmark_acdc")
+    root = str(tmp_path / "ACDC")
+    train, val, test = _fake_acdc_h5(root, train_patients=14)
+    reference = acdc.convert(root, str(tmp_path / "raw_h5"))
+
+    def compact(max_mb, name):
+        out, out_test = str(tmp_path / name), str(tmp_path / f"{name}_test")
+        acdc.compact(argparse.Namespace(acdc=root, out=out, out_test=out_test, max_mb=max_mb, seed=0))
+        return acdc.convert_compact([out, out_test], str(tmp_path / f"raw_{name}"))
+
+    folder = compact(100, "all")
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        assert sorted(os.listdir(join(folder, sub))) == sorted(os.listdir(join(reference, sub)))
+        for name in os.listdir(join(reference, sub)):
+            ours, theirs = (sitk.ReadImage(join(f, sub, name)) for f in (folder, reference))
+            assert ours.GetSpacing() == theirs.GetSpacing()
+            assert np.allclose(sitk.GetArrayFromImage(ours), sitk.GetArrayFromImage(theirs), atol=1e-6)
+    assert load_json(join(folder, "acdc_split.json")) == dict(load_json(join(reference, "acdc_split.json")),
+                                                               omitted_train=[])
+
+    folder = compact(0, "small")
+    split = load_json(join(folder, "acdc_split.json"))
+    labeled = {p for patients in split["labeled_sets"].values() for p in patients}
+    unlabeled = sorted(set(train) - labeled)
+    assert unlabeled and split["omitted_train"] == [f"{p}_frame0{f}" for p in unlabeled for f in (1, 2)]
+    assert split["train"] == [v for v in load_json(join(reference, "acdc_split.json"))["train"]
+                              if v.split("_")[0] in labeled] and split["val"] == [f"{p}_frame0{f}" for p in val
+                                                                                  for f in (1, 2)]
+    assert len(os.listdir(join(folder, "imagesTr"))) == len(split["train"]) + len(split["val"])
+    assert len(os.listdir(join(folder, "imagesTs"))) == 2 * len(test)
+    assert not os.path.exists(join(folder, "labelsTs"))
+
+
 def _acdc_row(acdc, arm, iterations, dice, from_checkpoint=None, from_iterations=1000):
     per_case = {f"patient0{i}_frame01": {str(c): {"Dice": dice + 0.01 * i, "IoU": dice} for c in acdc.CLASSES}
                 for i in range(5)}
@@ -693,3 +730,19 @@ def test_device_one_command_script_pairs_the_plugins_defaults_with_nnunet_per_se
     for a in runs:
         expected = {**bench.PLUGIN_DEFAULTS, **bench.PLUGIN_STAGE_DEFAULTS} if a.arm == "bcp" else {}
         assert bench.settings_of(a) == expected
+
+
+def test_device_acdc_script_runs_the_protocol_of_each_labeled_set_as_a_series_of_its_own(tmp_path):
+    """examples/device/acdc.sh, DRY_RUN: per labeled set L, then (a), (b), (c), every name ending in _gpu (the CPU
+    series keeps its names, and its committed test predictions are not overwritten)."""
+    import subprocess
+    import sys
+    script = os.path.join(EXAMPLES, "device", "acdc.sh")
+    done = subprocess.run(["bash", script], env={**os.environ, "DRY_RUN": "1", "WORK": str(tmp_path / "w"),
+                                                 "OUT": str(tmp_path / "o"), "PYTHON": sys.executable},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    names = [line.split()[2].rstrip(":") for line in done.stdout.splitlines() if line.startswith("would run ")]
+    assert names == [name for s in ("paper3", "paper7", "random3_s1") for name in (
+        f"labeled_{s}_it1000_gpu", f"labeled_continue_{s}_it300_from1000_gpu", f"bcp_continue_{s}_it300_from1000_gpu",
+        f"pseudo_continue_{s}_it300_from1000_gpu")]
