@@ -40,12 +40,16 @@ def test_sigmoid_per_region():
     assert regions[0].tolist() == [[False, True], [True, False]]
 
 
+# class 1: a blob of 4 and a single pixel; class 2: a blob of 4 and a single pixel
+_TWO_CLASSES_2D = torch.tensor([[1, 1, 0, 1, 0, 2],
+                                [1, 1, 0, 0, 0, 0],
+                                [0, 0, 0, 2, 2, 0],
+                                [0, 0, 0, 2, 2, 0]], dtype=torch.int16).view(1, 1, 4, 6)
+
+
 @both_filters
 def test_largest_component_per_class_2d(on_device):
-    seg = torch.tensor([[1, 1, 0, 1, 0, 2],
-                        [1, 1, 0, 0, 0, 0],
-                        [0, 0, 0, 2, 2, 0],
-                        [0, 0, 0, 2, 2, 0]], dtype=torch.int16).view(1, 1, 4, 6)
+    seg = _TWO_CLASSES_2D.clone()
     out = keep_largest_component(seg, on_device=on_device)
     expected = torch.tensor([[1, 1, 0, 0, 0, 0],
                              [1, 1, 0, 0, 0, 0],
@@ -167,10 +171,7 @@ def test_component_masks_of_non_bool_maps_empty_batches_float64_and_chunks(monke
 @both_filters
 def test_only_the_chosen_classes_are_filtered(on_device):
     """A class of many instances (class 2: two blobs) keeps all of them when it is not among the filtered classes."""
-    seg = torch.tensor([[1, 1, 0, 1, 0, 2],
-                        [1, 1, 0, 0, 0, 0],
-                        [0, 0, 0, 2, 2, 0],
-                        [0, 0, 0, 2, 2, 0]], dtype=torch.int16).view(1, 1, 4, 6)
+    seg = _TWO_CLASSES_2D.clone()
     out = keep_largest_component(seg, on_device=on_device, classes=[1])
     assert out[0, 0, 0].tolist() == [1, 1, 0, 0, 0, 2] and torch.equal(out[0, 0, 1:], seg[0, 0, 1:])
     assert torch.equal(keep_largest_component(seg, on_device=on_device, classes=[]), seg)
