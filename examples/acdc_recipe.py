@@ -9,11 +9,12 @@
 2. Then (printed by ``convert``):
        nnUNetv2_plan_and_preprocess -d 27 -c 2d
        python examples/acdc_recipe.py split -d 27 --labeled-patients 3      # splits_final.json + label subset
-       nnUNetv2_train 27 2d 0 -tr nnUNetTrainerBCP                          # BCP: 3 patients labeled, 67 unlabeled
-       # (the plugin's defaults add a supervised term the paper does not have; -tr nnUNetTrainerBCP_referenceLoss
-       # trains the paper's loss alone, for a comparison with the paper's table)
+       nnUNetv2_train 27 2d 0 -tr nnUNetTrainerBCP_labelSubset              # BCP: 3 patients labeled, 67 unlabeled
+       # (the plugin's defaults add a supervised term the paper does not have; a subclass of
+       # nnUNetTrainerBCP_labelSubset with bcp_labeled_loss_weight = 0 trains the paper's loss alone)
        nnUNetv2_train 27 2d 0 -tr nnUNetTrainerLabelSubset                  # labeled-only nnU-Net, same 3 patients
-       nnUNetv2_predict -i $nnUNet_raw/Dataset027_ACDC/imagesTs -o pred_bcp -d 27 -c 2d -f 0 -tr nnUNetTrainerBCP
+       nnUNetv2_predict -i $nnUNet_raw/Dataset027_ACDC/imagesTs -o pred_bcp -d 27 -c 2d -f 0 \
+           -tr nnUNetTrainerBCP_labelSubset
        nnUNetv2_evaluate_simple $nnUNet_raw/Dataset027_ACDC/labelsTs pred_bcp -l 1 2 3
 """
 import argparse

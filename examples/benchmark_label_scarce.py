@@ -136,6 +136,8 @@ class BenchLabeled(_BenchInference, _AtomicCheckpoints, nnUNetTrainerLabelSubset
 
 
 class BenchBCP(_BenchInference, nnUNetTrainerBCP):
+    uses_label_subset = True  # the run's own label subset (an arm without one has none)
+
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         _schedule(self)

@@ -32,6 +32,10 @@ class nnUNetTrainerBCP_test(nnUNetTrainerBCP):
         stop = os.environ.get("BCP_TEST_STOP_AFTER_EPOCH")
         if stop is not None and self.current_epoch == int(stop) + 1:
             raise SystemExit(3)  # a crash right after the checkpoint of that epoch
+
+
+class nnUNetTrainerBCP_test_labelSubset(nnUNetTrainerBCP_test):
+    uses_label_subset = True
 '''
 
 
@@ -153,13 +157,19 @@ def test_refused_without_unlabeled_images_then_a_label_subset_trains_without_rea
     os.rmdir(join(folder, "imagesUnlabeled"))  # the remedy below, for a dataset without that folder
 
     run_cli("nnUNetv2_bcp_label_subset", "-d", "994", "-k", "2")
+    # the subset is explicit: a trainer that does not opt in leaves it unused (and says so), so still no unlabeled data
+    result = run_cli("nnUNetv2_train", "994", "3d_fullres", "0", "-tr", "nnUNetTrainerBCP_test", "-device", "cpu",
+                     env=env, check=False)
+    assert result.returncode != 0 and "needs unlabeled images and found none" in result.stderr
+    assert "to use the label subset in" in result.stderr and "which nnUNetTrainerBCP_test leaves unused" in \
+        result.stderr
     subset = load_json(join(pre, "bcp_label_subset.json"))["folds"]["0"]
     for case in subset["unlabeled"]:  # destroy every trace of the dropped labels
         os.remove(join(pre, "nnUNetPlans_3d_fullres", case + "_seg.b2nd"))
         with open(join(folder, "labelsTr", case + ".nii.gz"), "wb") as f:
             f.write(b"destroyed")
-    result = run_cli("nnUNetv2_train", "994", "3d_fullres", "0", "-tr", "nnUNetTrainerBCP_test", "-device", "cpu",
-                     env=dict(env, BCP_TEST_EPOCHS="3"))
+    result = run_cli("nnUNetv2_train", "994", "3d_fullres", "0", "-tr", "nnUNetTrainerBCP_test_labelSubset",
+                     "-device", "cpu", env=dict(env, BCP_TEST_EPOCHS="3"))
     assert "label subset in effect" in result.stdout
     assert "2 labeled training cases, 6 training cases with their labels dropped" in result.stdout
     assert "BCP unlabeled stream: 6 cases" in result.stdout and "BCP stage 2" in result.stdout

@@ -432,21 +432,33 @@ def test_raw_folder_without_unlabeled_images_uses_the_manifest(dataset_copy):
         unlabeled_cases_for_training(ds["plans"], "3d_fullres", ds["dataset_json"], ds["raw"], ds["preprocessed"])
 
 
-def test_a_label_subset_in_effect_is_said_at_the_start_and_recorded(dataset_copy):
-    """A subset file left in the preprocessed folder changes every later training on the dataset: each start says
-    so in the log, and BCP records it in bcp_settings.json and its checkpoints (its settings)."""
+def test_a_label_subset_is_used_only_by_trainers_that_opt_in_said_at_the_start_and_recorded(dataset_copy):
+    """A subset file left in the preprocessed folder must not turn later trainings into label-scarce ones: only the
+    trainers named for it use it (each start says so in the log, and BCP records it in bcp_settings.json and its
+    checkpoints); nnUNetTrainerBCP trains on every label and says it leaves the file unused."""
     from nnunetv2_bcp import nnUNetTrainerBCP
+    from nnunetv2_bcp.training.variant_label_subset import nnUNetTrainerBCP_labelSubset
     ds = dataset_copy
     ids = [f"case_{i:03d}" for i in range(6)]
     splits = [{"train": ids[:5], "val": ids[5:]}]
     save_json(splits, join(ds["preprocessed"], "splits_final.json"))
     subset = choose_label_subset(ids, splits, num_labeled=2, seed=1)
     save_json(subset, join(ds["preprocessed"], LABEL_SUBSET_FILE))
-    trainer = nnUNetTrainerBCP(dict(ds["plans"], continue_training=False), "3d_fullres", 0, ds["dataset_json"],
-                               torch.device("cpu"))
-    trainer.preprocessed_dataset_folder_base = ds["preprocessed"]
-    trainer.preprocessed_dataset_folder = join(ds["preprocessed"], "nnUNetPlans_3d_fullres")
-    trainer.initialize()
+
+    def new(trainer_class):
+        t = trainer_class(dict(ds["plans"], continue_training=False), "3d_fullres", 0, ds["dataset_json"],
+                          torch.device("cpu"))
+        t.preprocessed_dataset_folder_base = ds["preprocessed"]
+        t.preprocessed_dataset_folder = join(ds["preprocessed"], "nnUNetPlans_3d_fullres")
+        t.initialize()
+        return t
+
+    every_label = new(nnUNetTrainerBCP)
+    training, _ = every_label.get_tr_and_val_datasets()
+    assert sorted(training.identifiers) == ids[:5] and every_label.bcp_settings()["label_subset"] is None
+    assert every_label._label_subset_of_fold() is None  # no label-dropped cases in its unlabeled stream either
+    assert "leaves the label subset" in open(every_label.log_file).read()
+    trainer = new(nnUNetTrainerBCP_labelSubset)
     training, _ = trainer.get_tr_and_val_datasets()
     assert sorted(training.identifiers) == subset["folds"]["0"]["labeled"]
     recorded = trainer.bcp_settings()["label_subset"]
@@ -456,3 +468,16 @@ def test_a_label_subset_in_effect_is_said_at_the_start_and_recorded(dataset_copy
     assert trainer.bcp_state()["settings"]["label_subset"] == recorded
     log = open(trainer.log_file).read()
     assert "WARNING: label subset in effect" in log and "nnUNetv2_bcp_label_subset -d Dataset990_BCPSynthetic --remove" in log
+
+
+def test_pseudo_labels_take_a_label_subsets_dropped_cases_only_for_a_model_trained_on_the_subset(tmp_path, monkeypatch):
+    """nnUNetv2_bcp_pseudo_label_dataset reads the model's trainer from its checkpoint: a model trained on every label
+    (a subset file left beside it or not) gets no label-dropped cases to pseudo-label."""
+    import nnunetv2_bcp
+    from nnunetv2_bcp.unlabeled.pseudo_label_dataset import trained_on_label_subset
+    monkeypatch.setenv("nnUNet_extTrainer", nnunetv2_bcp.ext_trainer_dir())
+    for name, expected in (("nnUNetTrainerLabelSubset", True), ("nnUNetTrainerBCP_labelSubset", True),
+                           ("nnUNetTrainer", False), ("nnUNetTrainerBCP", False), ("nnUNetTrainerNobodyHas", False)):
+        path = str(tmp_path / f"{name}.pth")
+        torch.save({"trainer_name": name, "network_weights": {}}, path)
+        assert trained_on_label_subset(path) is expected, name

@@ -5,4 +5,5 @@ from nnunetv2_bcp.training.nnUNetTrainerLabelSubset import nnUNetTrainerLabelSub
 from nnunetv2_bcp.training.variants import *  # noqa: F401,F403
 from nnunetv2_bcp.training.variant_labeled_loss import nnUNetTrainerBCP_referenceLoss  # noqa: F401
 from nnunetv2_bcp.training.variant_stage_one import nnUNetTrainerBCP_paperStageOne  # noqa: F401
+from nnunetv2_bcp.training.variant_label_subset import nnUNetTrainerBCP_labelSubset  # noqa: F401
 from nnunetv2_bcp.demo.trainers import nnUNetTrainerBCPDemo, nnUNetTrainerDemo  # noqa: F401

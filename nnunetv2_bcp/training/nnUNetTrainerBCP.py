@@ -9,7 +9,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
-from batchgenerators.utilities.file_and_folder_operations import join, save_json
+from batchgenerators.utilities.file_and_folder_operations import isfile, join, save_json
 from nnunetv2.paths import nnUNet_raw
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
@@ -30,6 +30,7 @@ from nnunetv2_bcp.training.schedule import StagedPolyLRScheduler
 from nnunetv2_bcp.training.start_from_model import ContinueOnlyWhereStartedFromModel
 from nnunetv2_bcp.unlabeled.loader import (UnlabeledDataset, make_unlabeled_stream, shutdown_stream,
                                            unlabeled_augmentation_workers)
+from nnunetv2_bcp.unlabeled.label_subset import label_subset_path
 from nnunetv2_bcp.unlabeled.preprocess import unlabeled_cases_for_training
 from nnunetv2_bcp.unlabeled.raw import UNLABELED_FOLDER, UnlabeledDataError
 from nnunetv2_bcp.unlabeled.weak_view import split_views, with_weak_view
@@ -75,7 +76,11 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
     2/3), ``bcp_largest_component`` (keep the largest component of a class's pseudo-labels: "auto" per class from
     the labeled cases, True, False, or a list of label values / region indices),
     plus nnU-Net's ``num_epochs``, ``num_iterations_per_epoch``, ``num_val_iterations_per_epoch``.
+
+    A label subset (``nnUNetv2_bcp_label_subset``) is used only by the trainers that opt in
+    (``nnUNetTrainerBCP_labelSubset``, ``uses_label_subset = True``).
     """
+    uses_label_subset = False
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -165,11 +170,18 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
         if not keys and not label_dropped:
             where = join(raw or f"nnUNet_raw/{self.plans_manager.dataset_name}", UNLABELED_FOLDER) + \
                 ("" if raw else " (nnUNet_raw is not set)")
+            subset_file = label_subset_path(self.preprocessed_dataset_folder_base)
+            if isfile(subset_file) and not self.uses_label_subset:
+                simulate = (f"train -tr nnUNetTrainerBCP_labelSubset (or a subclass with uses_label_subset = True) "
+                            f"to use the label subset in {subset_file}, which {self.__class__.__name__} leaves "
+                            f"unused")
+            else:
+                simulate = (f"simulate label scarcity with 'nnUNetv2_bcp_label_subset -d "
+                            f"{self.plans_manager.dataset_name} -k K' and train -tr nnUNetTrainerBCP_labelSubset")
             raise UnlabeledDataError(
                 f"{self.__class__.__name__} needs unlabeled images and found none. Put them in "
                 f"{where}, named like imagesTr (CASE_0000{self.dataset_json['file_ending']}, "
-                f"one file per channel), or simulate label scarcity with "
-                f"'nnUNetv2_bcp_label_subset -d {self.plans_manager.dataset_name} -k K'.")
+                f"one file per channel), or {simulate}.")
         return folder, sorted(keys), sorted(label_dropped)
 
     def get_dataloaders(self):

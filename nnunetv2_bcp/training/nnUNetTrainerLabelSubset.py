@@ -9,16 +9,19 @@ from nnunetv2_bcp.unlabeled.raw import UnlabeledDataError
 
 
 class LabelSubsetMixin:
-    """Restricts a trainer's labeled training cases to the fold's entry of ``bcp_label_subset.json`` (if present);
-    nnU-Net's split and validation cases stay as they are. A subset in effect is said in the log at every start and
-    recorded (``label_subset_in_use``; BCP writes it into ``bcp_settings.json`` and its checkpoints): a file left
-    from an experiment would otherwise turn every later training on the dataset into a label-scarce one."""
+    """Restricts a trainer's labeled training cases to the fold's entry of ``bcp_label_subset.json`` where the trainer
+    opts in (``uses_label_subset``: the trainers named for it, e.g. ``nnUNetTrainerLabelSubset``,
+    ``nnUNetTrainerBCP_labelSubset``); nnU-Net's split and validation cases stay as they are. A subset in effect is
+    said in the log at every start and recorded (``label_subset_in_use``; BCP writes it into ``bcp_settings.json``
+    and its checkpoints); a trainer that does not opt in says that it leaves the file unused. A file left from an
+    experiment would otherwise turn every later training on the dataset into a label-scarce one."""
+    uses_label_subset = True
     label_subset_in_use = None
     labeled_training_identifiers = None
 
     def _label_subset_of_fold(self):
         path = label_subset_path(self.preprocessed_dataset_folder_base)
-        if not isfile(path):
+        if not self.uses_label_subset or not isfile(path):
             return None
         ids = self.dataset_class.get_identifiers(self.preprocessed_dataset_folder)
         return fold_subset(load_label_subset(self.preprocessed_dataset_folder_base, ids), self.fold, path)
@@ -27,6 +30,12 @@ class LabelSubsetMixin:
         """nnU-Net's split; with a label subset only the fold's labeled cases stay in the labeled dataset."""
         dataset_tr, dataset_val = super().get_tr_and_val_datasets()
         subset = self._label_subset_of_fold()
+        path = label_subset_path(self.preprocessed_dataset_folder_base)
+        if not self.uses_label_subset and isfile(path):
+            self.print_to_log_file(
+                f"{self.__class__.__name__} trains on every label and leaves the label subset {path} unused; "
+                f"trainers that opt in train on its labeled cases: -tr nnUNetTrainerBCP_labelSubset (BCP), "
+                f"nnUNetTrainerLabelSubset (nnU-Net), or a subclass with uses_label_subset = True")
         self.labeled_training_identifiers = list(dataset_tr.identifiers) if subset is None else list(subset["labeled"])
         if subset is not None:
             outside = sorted(set(subset["labeled"]) - set(dataset_tr.identifiers))
@@ -35,7 +44,6 @@ class LabelSubsetMixin:
                                          f"cases {outside[:5]} are not training cases of fold {self.fold}")
             dataset_tr = self.dataset_class(self.preprocessed_dataset_folder, list(subset["labeled"]),
                                             self.folder_with_segs_from_previous_stage)
-            path = label_subset_path(self.preprocessed_dataset_folder_base)
             self.label_subset_in_use = {"file": path, "fold": str(self.fold), "labeled": list(subset["labeled"]),
                                         "num_label_dropped": len(subset["unlabeled"])}
             self.print_to_log_file(

@@ -2,7 +2,7 @@
 unlabeled scans (train, predict the unlabeled scans, train again on labels + pseudo-labels), as one command.
 
 A trained model of dataset SOURCE predicts its unlabeled images (``imagesUnlabeled``, and the label-dropped training
-cases of a label subset) with nnU-Net's own predictor. The command writes dataset TARGET: the fold's labeled training
+cases of a label subset where the model's trainer trained on that subset) with nnU-Net's own predictor. The command writes dataset TARGET: the fold's labeled training
 cases and validation cases with their labels, the unlabeled cases with their pseudo-labels, SOURCE's plans (so that
 the model can continue on it) and a ``splits_final.json`` whose fold FOLD trains on labeled + pseudo-labeled cases and
 validates on SOURCE's validation cases of that fold. It then preprocesses TARGET. Train fold FOLD of TARGET, from
@@ -38,6 +38,23 @@ def fold_cases(splits: List[dict], fold: int, subset: Optional[dict], subset_pat
     return {"labeled": labeled, "unlabeled": entry["unlabeled"] if entry else [], "val": sorted(splits[fold]["val"])}
 
 
+def trained_on_label_subset(checkpoint: str) -> bool:
+    """Whether the checkpoint's trainer (its ``trainer_name``) opts in to a label subset (``uses_label_subset``)."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    from nnunetv2_bcp.training.checkpoint import UntrustedCheckpointError, load_checkpoint_without_code
+    try:
+        name = load_checkpoint_without_code(checkpoint).get("trainer_name")
+    except UntrustedCheckpointError:
+        name = None  # the predictor says what it makes of the file
+    if not name:
+        return False
+    try:
+        trainer = recursive_find_trainer_class_by_name(name)
+    except RuntimeError:  # not on this machine: the predictor names it
+        return False
+    return bool(getattr(trainer, "uses_label_subset", False))
+
+
 def _link(source: str, target: str) -> None:
     if os.path.lexists(target):
         os.remove(target)
@@ -47,7 +64,8 @@ def _link(source: str, target: str) -> None:
 def write_pseudo_label_dataset(source_raw: str, source_preprocessed: str, target_raw: str, model_folder: str,
                                fold: int, checkpoint_name: str = "checkpoint_final.pth", device: str = "cuda",
                                num_processes: int = 2, use_mirroring: bool = True) -> dict:
-    """Write TARGET's raw folder (links, pseudo-labels, dataset.json, the record); return the record."""
+    """Write TARGET's raw folder (links, pseudo-labels, dataset.json, the record); return the record. A label
+    subset's dropped cases count as unlabeled where the model's trainer trained on the subset (it opted in)."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
@@ -57,8 +75,11 @@ def write_pseudo_label_dataset(source_raw: str, source_preprocessed: str, target
     if not isfile(splits_file):
         raise SystemExit(f"ERROR: {splits_file} is missing: train the source model first (nnU-Net writes it)")
     subset_path = label_subset_path(source_preprocessed)
-    cases = fold_cases(load_json(splits_file), fold, load_label_subset(source_preprocessed, list(training)),
-                       subset_path)
+    checkpoint = join(model_folder, f"fold_{fold}", checkpoint_name)
+    if not isfile(checkpoint):
+        raise SystemExit(f"ERROR: {checkpoint}: no such checkpoint (the model that makes the pseudo-labels)")
+    subset = load_label_subset(source_preprocessed, list(training)) if trained_on_label_subset(checkpoint) else None
+    cases = fold_cases(load_json(splits_file), fold, subset, subset_path)
     unlabeled = {c: training[c]["images"] for c in cases["unlabeled"]}
     extra = find_unlabeled_cases(source_raw, dataset_json)
     clash = sorted(set(extra) & (set(training) | set(unlabeled)))
@@ -68,9 +89,6 @@ def write_pseudo_label_dataset(source_raw: str, source_preprocessed: str, target
     if not unlabeled:
         raise SystemExit(f"ERROR: {source_raw} has no unlabeled images for fold {fold}: put them in "
                          f"{UNLABELED_FOLDER}/ (named like imagesTr) or use a label subset")
-    checkpoint = join(model_folder, f"fold_{fold}", checkpoint_name)
-    if not isfile(checkpoint):
-        raise SystemExit(f"ERROR: {checkpoint}: no such checkpoint (the model that makes the pseudo-labels)")
 
     ending = dataset_json["file_ending"]
     images, labels = join(target_raw, "imagesTr"), join(target_raw, "labelsTr")
