@@ -230,7 +230,9 @@ def test_mixed_inputs_and_targets_of_both_stages(kind, request, tmp_path, monkey
     unlabeled = dict(unlabeled, data=_images(-codes, channels))
     network, loss, bcp_loss = (_Recorder(m) for m in (trainer.network, trainer.loss, trainer.bcp_loss))
 
-    # stage 1: patches of the labeled batch pasted into each other, their labels with them
+    # the paper's stage 1 (nnUNetTrainerBCP_paperStageOne; the default's is nnU-Net's own step): patches of the
+    # labeled batch pasted into each other, their labels with them
+    trainer.bcp_stage_one = "copy_paste"
     out = trainer.train_step(labeled)
     assert np.isfinite(out["loss"])
     images, = network.calls[0]
