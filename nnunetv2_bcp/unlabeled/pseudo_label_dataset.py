@@ -2,11 +2,11 @@
 unlabeled scans (train, predict the unlabeled scans, train again on labels + pseudo-labels), as one command.
 
 A trained model of dataset SOURCE predicts its unlabeled images (``imagesUnlabeled``, and the label-dropped training
-cases of a label subset where the model's trainer trained on that subset) with nnU-Net's own predictor. The command writes dataset TARGET: the fold's labeled training
-cases and validation cases with their labels, the unlabeled cases with their pseudo-labels, SOURCE's plans (so that
-the model can continue on it) and a ``splits_final.json`` whose fold FOLD trains on labeled + pseudo-labeled cases and
-validates on SOURCE's validation cases of that fold. It then preprocesses TARGET. Train fold FOLD of TARGET, from
-scratch or continued from the model::
+cases of a label subset where the model's trainer trained on that subset) with nnU-Net's own predictor. The command
+writes dataset TARGET: the fold's labeled training cases and validation cases with their labels, the unlabeled cases
+with their pseudo-labels, SOURCE's plans (so that the model can continue on it) and a ``splits_final.json`` whose fold
+FOLD trains on labeled + pseudo-labeled cases and validates on SOURCE's validation cases of that fold. It then
+preprocesses TARGET. Train fold FOLD of TARGET, from scratch or continued from the model::
 
     nnUNetv2_bcp_pseudo_label_dataset -d SOURCE -t TARGET -c 3d_fullres -f 0 -tr nnUNetTrainer
     nnUNetv2_bcp_start_from_model TARGET 3d_fullres 0 -tr nnUNetTrainer -m .../fold_0/checkpoint_final.pth
