@@ -254,3 +254,10 @@ def test_stage_two_restarts_the_learning_rate_with_fresh_momentum_and_a_resume_k
     without.current_epoch = 4
     without.on_train_epoch_start()
     assert without.in_stage_two() and np.isclose(lr(without), 0.01 * (1 - 4 / 10) ** 0.9) and without.optimizer.state
+
+
+def test_the_staged_schedule_never_exceeds_the_initial_learning_rate_without_a_stage_one():
+    from nnunetv2_bcp.training.schedule import StagedPolyLRScheduler
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    StagedPolyLRScheduler(optimizer, 0.01, 10, stage_one_epochs=0, restart=True)  # steps once when made
+    assert optimizer.param_groups[0]["lr"] == 0.01

@@ -25,7 +25,7 @@ class StagedPolyLRScheduler(PolyLRScheduler):
         if not self.restart:
             return epoch / self.max_steps
         if self.stage_two_start is None:
-            return min(epoch, self.stage_one_epochs - 1) / max(self.stage_one_epochs, 1)
+            return min(epoch, max(self.stage_one_epochs - 1, 0)) / max(self.stage_one_epochs, 1)
         return (epoch - self.stage_two_start) / max(self.max_steps - self.stage_two_start, 1)
 
     def step(self, current_step=None):
