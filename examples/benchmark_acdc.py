@@ -62,9 +62,8 @@ CONTINUE_ARMS = ("labeled_continue", "bcp_continue", "pseudo_continue")
 # subset, (c) and (e) on every training case of their dataset, (b) and (d) are BCP
 ARM_TRAINERS = {"labeled": "BenchLabeled", "labeled_continue": "BenchLabeled", "bcp_continue": "BenchBCP",
                 "pseudo_continue": "BenchCeiling", "bcp": "BenchBCP", "ceiling": "BenchCeiling"}
-# BenchBCP trains the paper's configuration changed by its settings: these make it the plugin's defaults (the stages'
-# only from scratch: a continuation has no stage 1)
-PLUGIN_DEFAULTS, PLUGIN_STAGE_DEFAULTS = common.PLUGIN_DEFAULTS, common.PLUGIN_STAGE_DEFAULTS
+# BenchBCP trains the paper's configuration changed by its settings: common.plugin_defaults make it the plugin's
+PLUGIN_DEFAULTS = common.PLUGIN_DEFAULTS
 
 
 # ------------------------------------------------------------------------------------------------------- data
@@ -116,11 +115,17 @@ def write_nifti(array, path: str) -> None:
     sitk.WriteImage(image, path)
 
 
-def convert(acdc: str, raw_root: str) -> str:
-    """ACDC's h5 distribution -> nnU-Net's raw layout (``write_raw``)."""
+def volume_lists(acdc: str) -> tuple:
+    """The training, validation and test volumes of the h5 distribution."""
     train = open(join(acdc, "train.list")).read().split()
     val = open(join(acdc, "val.list")).read().split()
     test = sorted(f[:-len(".h5")] for f in os.listdir(join(acdc, "test_images")) if f.endswith(".h5"))
+    return train, val, test
+
+
+def convert(acdc: str, raw_root: str) -> str:
+    """ACDC's h5 distribution -> nnU-Net's raw layout (``write_raw``)."""
+    train, val, test = volume_lists(acdc)
     return write_raw(raw_root, train, val, test, labeled_sets(acdc),
                      lambda volume, is_test: read_volume(acdc, volume, "test_images" if is_test else "data"))
 
@@ -183,9 +188,7 @@ def compact(args):
     """The validation volumes, every labeled set's patients and as many other training patients (whole, in a seeded
     order) as ``--max-mb`` allows into ``--out``; the test images into ``--out-test``."""
     acdc = os.path.abspath(args.acdc)
-    train = open(join(acdc, "train.list")).read().split()
-    val = open(join(acdc, "val.list")).read().split()
-    test = sorted(f[:-len(".h5")] for f in os.listdir(join(acdc, "test_images")) if f.endswith(".h5"))
+    train, val, test = volume_lists(acdc)
     sets = labeled_sets(acdc)
     labeled = {p for patients in sets.values() for p in patients}
     others = sorted(set(patients_of(train)) - labeled)
@@ -381,9 +384,7 @@ def run(args) -> dict:
     start_checkpoint = join(work, "models", from_run, "fold_0", "checkpoint_final.pth") if from_run else None
     name = run_name(args.arm, args.labeled_set, args.iterations, args.from_iterations, args.name_suffix)
     trainer = ARM_TRAINERS[args.arm]
-    settings = {}
-    if trainer == "BenchBCP":
-        settings = PLUGIN_DEFAULTS if from_run else {**PLUGIN_DEFAULTS, **PLUGIN_STAGE_DEFAULTS}
+    settings = common.plugin_defaults(from_scratch=not from_run) if trainer == "BenchBCP" else {}
     train_id = DATASET_ID + 1 if args.arm == "pseudo_continue" else DATASET_ID
     train_dataset = f"Dataset{train_id:03d}_ACDC" + ("Pseudo" if args.arm == "pseudo_continue" else "")
     epochs = args.iterations // args.iterations_per_epoch

@@ -158,6 +158,11 @@ class BenchCeiling(_BenchInference, _AtomicCheckpoints, nnUNetTrainer):
 # them with nnUNetTrainerBCP's own): stage 2's, and for a run from scratch the stages'.
 PLUGIN_DEFAULTS = {"bcp_labeled_loss_weight": 1, "bcp_largest_component": "auto"}
 PLUGIN_STAGE_DEFAULTS = {"bcp_stage_one": "nnunet", "bcp_pretrain_fraction": 0.5, "bcp_restart_lr": True}
+
+
+def plugin_defaults(from_scratch: bool) -> dict:
+    """The settings that make a benchmark BCP run the plugin's defaults (a continuation has no stage 1)."""
+    return {**PLUGIN_DEFAULTS, **(PLUGIN_STAGE_DEFAULTS if from_scratch else {})}
 ARM_TRAINERS = {"labeled": "BenchLabeled", "bcp": "BenchBCP", "ceiling": "BenchCeiling",
                 "labeled_continue": "BenchLabeled", "bcp_continue": "BenchBCP"}
 CONTINUE_ARMS = ("labeled_continue", "bcp_continue")
@@ -367,7 +372,7 @@ def settings_of(args) -> dict:
     settings = {}
     arm = getattr(args, "arm", None)
     if getattr(args, "plugin_defaults", False) and arm in BCP_ARMS:
-        settings.update(PLUGIN_DEFAULTS, **(PLUGIN_STAGE_DEFAULTS if arm == "bcp" else {}))
+        settings.update(plugin_defaults(from_scratch=arm == "bcp"))
     settings.update(parse_settings(getattr(args, "bcp", None)))
     if getattr(args, "bcp_pretrain_epochs", None) is not None:
         settings["bcp_pretrain_epochs"] = args.bcp_pretrain_epochs

@@ -9,7 +9,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
-from batchgenerators.utilities.file_and_folder_operations import isfile, join, save_json
+from batchgenerators.utilities.file_and_folder_operations import join, save_json
 from nnunetv2.paths import nnUNet_raw
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
@@ -30,7 +30,6 @@ from nnunetv2_bcp.training.schedule import StagedPolyLRScheduler
 from nnunetv2_bcp.training.start_from_model import ContinueOnlyWhereStartedFromModel
 from nnunetv2_bcp.unlabeled.loader import (UnlabeledDataset, make_unlabeled_stream, shutdown_stream,
                                            unlabeled_augmentation_workers)
-from nnunetv2_bcp.unlabeled.label_subset import label_subset_path
 from nnunetv2_bcp.unlabeled.preprocess import unlabeled_cases_for_training
 from nnunetv2_bcp.unlabeled.raw import UNLABELED_FOLDER, UnlabeledDataError
 from nnunetv2_bcp.unlabeled.weak_view import split_views, with_weak_view
@@ -170,8 +169,8 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
         if not keys and not label_dropped:
             where = join(raw or f"nnUNet_raw/{self.plans_manager.dataset_name}", UNLABELED_FOLDER) + \
                 ("" if raw else " (nnUNet_raw is not set)")
-            subset_file = label_subset_path(self.preprocessed_dataset_folder_base)
-            if isfile(subset_file) and not self.uses_label_subset:
+            subset_file = self.unused_label_subset()
+            if subset_file:
                 simulate = (f"train -tr nnUNetTrainerBCP_labelSubset (or a subclass with uses_label_subset = True) "
                             f"to use the label subset in {subset_file}, which {self.__class__.__name__} leaves "
                             f"unused")

@@ -19,6 +19,11 @@ class LabelSubsetMixin:
     label_subset_in_use = None
     labeled_training_identifiers = None
 
+    def unused_label_subset(self):
+        """The path of a label subset file this trainer leaves unused (it does not opt in), else None."""
+        path = label_subset_path(self.preprocessed_dataset_folder_base)
+        return path if not self.uses_label_subset and isfile(path) else None
+
     def _label_subset_of_fold(self):
         path = label_subset_path(self.preprocessed_dataset_folder_base)
         if not self.uses_label_subset or not isfile(path):
@@ -31,7 +36,7 @@ class LabelSubsetMixin:
         dataset_tr, dataset_val = super().get_tr_and_val_datasets()
         subset = self._label_subset_of_fold()
         path = label_subset_path(self.preprocessed_dataset_folder_base)
-        if not self.uses_label_subset and isfile(path):
+        if self.unused_label_subset():
             self.print_to_log_file(
                 f"{self.__class__.__name__} trains on every label and leaves the label subset {path} unused; "
                 f"trainers that opt in train on its labeled cases: -tr nnUNetTrainerBCP_labelSubset (BCP), "
