@@ -32,15 +32,21 @@ from batchgenerators.utilities.file_and_folder_operations import join, load_json
 from nnunetv2_bcp.training.nnUNetTrainerBCP import STAGE_TWO_SETTINGS
 
 
+def trainer_class(kind: str):
+    """nnU-Net's trainer ("plain"), or BCP with the plugin's defaults ("bcp") taking its unlabeled cases from
+    imagesUnlabeled or from a label subset (the device check's data has only the latter)."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2_bcp.training.variant_label_subset import nnUNetTrainerBCP_labelSubset
+    return nnUNetTrainerBCP_labelSubset if kind == "bcp" else nnUNetTrainer
+
+
 def _trainer(kind: str, args):
     from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-    from nnunetv2_bcp import nnUNetTrainerBCP
     folder = join(nnUNet_preprocessed, maybe_convert_to_dataset_name(args.d))
     plans = load_json(join(folder, args.p + ".json"))
     plans["continue_training"] = False
-    cls = nnUNetTrainerBCP if kind == "bcp" else nnUNetTrainer
+    cls = trainer_class(kind)
     fold = args.f if args.f == "all" else int(args.f)
     trainer = cls(plans, args.c, fold, load_json(join(folder, "dataset.json")), torch.device(args.device))
     if kind == "bcp":

@@ -549,6 +549,18 @@ def test_benchmark_bcp_runs_train_the_papers_configuration_changed_by_their_sett
     assert changed.save_every == 10 and on_cpu.save_every == 1
 
 
+def test_cost_benchmark_times_bcp_on_a_label_subset_as_the_device_check_has():
+    """The device check's data (examples/device/make_cost_data.py) has a label subset and no imagesUnlabeled: the
+    cost benchmark's BCP trainer must opt in to the subset, or it refuses to train (a full run of the benchmark on
+    such a copy of Dataset990 takes a minute here; run by hand, see docs/benchmarks.md)."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2_bcp import nnUNetTrainerBCP
+    cost = _load("benchmark_cost")
+    bcp = cost.trainer_class("bcp")
+    assert issubclass(bcp, nnUNetTrainerBCP) and bcp.uses_label_subset
+    assert cost.trainer_class("plain") is nnUNetTrainer
+
+
 def test_cost_benchmark_counts_the_operators_of_a_step_by_source():
     from nnunetv2_bcp.bcp.ema import ema_update_
     cost = _load("benchmark_cost")

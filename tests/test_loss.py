@@ -8,7 +8,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss, DC_and_CE_loss
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
-from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss, SoftDiceLoss
+from nnunetv2.utilities.ddp_allgather import AllGatherGrad
 
 from nnunetv2_bcp.bcp import BCPLoss, bcp_total, random_box_mask
 
@@ -17,16 +18,16 @@ NUM_CLASSES, IGNORE_LABEL, NUM_REGIONS = 3, 3, 2
 KINDS = ["labels", "labels+ignore", "regions", "regions+ignore"]
 
 
-def nnunet_loss(kind, batch_dice, ddp=False, deep_supervision_weights=None):
-    """The loss as nnU-Net's trainer builds it (nnUNetTrainer._build_loss)."""
+def nnunet_loss(kind, batch_dice, ddp=False, deep_supervision_weights=None, dice_class=MemoryEfficientSoftDiceLoss):
+    """The loss as nnU-Net's trainer builds it (nnUNetTrainer._build_loss); ``dice_class`` as a trainer variant may
+    change it."""
     if kind.startswith("regions"):
         loss = DC_and_BCE_loss({}, {'batch_dice': batch_dice, 'do_bg': True, 'smooth': SMOOTH, 'ddp': ddp},
-                               use_ignore_label=kind.endswith("ignore"), dice_class=MemoryEfficientSoftDiceLoss)
+                               use_ignore_label=kind.endswith("ignore"), dice_class=dice_class)
     else:
         ignore_label = IGNORE_LABEL if kind.endswith("ignore") else None
         loss = DC_and_CE_loss({'batch_dice': batch_dice, 'smooth': SMOOTH, 'do_bg': False, 'ddp': ddp}, {},
-                              weight_ce=1, weight_dice=1, ignore_label=ignore_label,
-                              dice_class=MemoryEfficientSoftDiceLoss)
+                              weight_ce=1, weight_dice=1, ignore_label=ignore_label, dice_class=dice_class)
     return loss if deep_supervision_weights is None else DeepSupervisionWrapper(loss, deep_supervision_weights)
 
 
@@ -146,6 +147,21 @@ def test_matches_reference_values_and_gradients(spatial, batch_dice, batch_size,
     ours = BCPLoss.like_nnunet_loss(nnunet_loss(kind, batch_dice))(logits, target, from_labeled, inward)
     reference = reference_bcp_terms(logits, target, from_labeled, inward, kind, batch_dice)
     assert_terms_and_gradients_match(ours, reference, logits)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("batch_size,num_in", [(1, 0), (2, 1), (3, 2)])
+@pytest.mark.parametrize("batch_dice", [True, False])
+def test_another_dice_module_is_called_per_direction_and_origin(batch_dice, batch_size, num_in, kind):
+    """nnU-Net's default Dice is computed from the loss's own sums; a trainer variant's other Dice module (here
+    nnU-Net's SoftDiceLoss) is called as it is, with the same terms."""
+    seed = 7 * batch_size + num_in
+    inward = random_inward(batch_size, num_in, seed)
+    logits, target, from_labeled = mixed_batch(kind, (6, 6, 9), inward, seed)
+    bcp = BCPLoss.like_nnunet_loss(nnunet_loss(kind, batch_dice, dice_class=SoftDiceLoss))
+    assert not bcp.sums_nnunets_dice
+    reference = reference_bcp_terms(logits, target, from_labeled, inward, kind, batch_dice)
+    assert_terms_and_gradients_match(bcp(logits, target, from_labeled, inward), reference, logits)
 
 
 @pytest.mark.parametrize("kind", ["labels", "regions"])
@@ -277,17 +293,25 @@ def ddp_rank_batch(scenario, rank):
     return (*mixed_batch("labels", (6, 8), inward, seed=100 * rank + len(scenario)), inward)
 
 
+DICE_CLASSES = {"nnU-Net's default": MemoryEfficientSoftDiceLoss, "SoftDiceLoss": SoftDiceLoss}
+
+
 def _ddp_rank_main(rank, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    gathers = []
+    gather = AllGatherGrad.apply
+    AllGatherGrad.apply = lambda *args: gathers.append(1) or gather(*args)  # counted in this process only
     try:
-        bcp = BCPLoss.like_nnunet_loss(nnunet_loss("labels", batch_dice=True, ddp=True))
         results = {}
-        for scenario in DDP_SCENARIOS:
-            logits, target, from_labeled, inward = ddp_rank_batch(scenario, rank)
-            terms = bcp(logits, target, from_labeled, inward)
-            bcp_total(terms, 0.5).backward()
-            results[scenario] = (terms.detach(), logits.grad)
+        for dice_name, dice_class in DICE_CLASSES.items():
+            bcp = BCPLoss.like_nnunet_loss(nnunet_loss("labels", batch_dice=True, ddp=True, dice_class=dice_class))
+            for scenario in DDP_SCENARIOS:
+                logits, target, from_labeled, inward = ddp_rank_batch(scenario, rank)
+                gathers.clear()
+                terms = bcp(logits, target, from_labeled, inward)
+                bcp_total(terms, 0.5).backward()
+                results[dice_name, scenario] = (terms.detach(), logits.grad, len(gathers))
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -302,21 +326,25 @@ def test_ddp_batch_dice_pools_each_direction_over_the_ranks(tmp_path):
                 process.kill()
             pytest.fail("the DDP loss hung (collective calls differ between the ranks)")
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
-    for scenario in DDP_SCENARIOS:
+    for (dice_name, scenario), (_, _, gathers) in results[0].items():
+        # nnU-Net's default Dice: one all-gather of all the sums; another module: its own three per call, four calls
+        assert gathers == (1 if dice_name == "nnU-Net's default" else 12), (dice_name, scenario, gathers)
+    for dice_name, scenario in results[0]:
         batches = [ddp_rank_batch(scenario, rank) for rank in (0, 1)]
         # each rank: its own CE and shares, the direction's Dice over the direction's samples of both ranks
         expected = [reference_bcp_terms(*batches[rank], "labels", True, other_ranks=[batches[1 - rank]])
                     for rank in (0, 1)]
         for rank in (0, 1):
-            terms, grad = results[rank][scenario]
+            terms, grad, _ = results[rank][dice_name, scenario]
             assert torch.isfinite(terms).all()
-            assert torch.allclose(terms.double(), expected[rank], atol=1e-6), (scenario, rank)
+            assert torch.allclose(terms.double(), expected[rank], atol=1e-6), (dice_name, scenario, rank)
             # backward all-reduces through the Dice: a rank's logits get the gradient of the sum of both ranks'
             # losses (DDP then averages the parameter gradients: the gradient of the ranks' mean loss)
             expected_grad, = torch.autograd.grad(sum(bcp_total(e, 0.5) for e in expected), batches[rank][0],
                                                  retain_graph=True)
-            assert torch.allclose(grad, expected_grad, rtol=1e-5, atol=1e-8), (scenario, rank)
+            assert torch.allclose(grad, expected_grad, rtol=1e-5, atol=1e-8), (dice_name, scenario, rank)
     # one sample per rank: rank 0 returns its X^in sample's in-direction terms alone, rank 1 its X^out sample's
     alone = [reference_bcp_terms(*ddp_rank_batch("one sample per rank", rank), "labels", True) for rank in (0, 1)]
     for rank in (0, 1):
-        assert torch.allclose(results[rank]["one sample per rank"][0].double(), alone[rank], atol=1e-6)
+        for dice_name in DICE_CLASSES:
+            assert torch.allclose(results[rank][dice_name, "one sample per rank"][0].double(), alone[rank], atol=1e-6)
