@@ -166,7 +166,7 @@ def test_the_supervised_term_passes_on_its_own_with_the_gradient_of_one_pass_on_
 
 def test_the_staged_schedule_is_nnunets_poly_decay_restarted_at_stage_two():
     from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
-    from nnunetv2_bcp.training.schedule import StagedPolyLRScheduler
+    from nnunetv2_bcp.training.schedule import StagedPolyLRScheduler, TrainingStages
 
     def lrs(scheduler, epochs):
         out = []
@@ -178,15 +178,15 @@ def test_the_staged_schedule_is_nnunets_poly_decay_restarted_at_stage_two():
     def sgd():
         return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
 
-    staged = StagedPolyLRScheduler(sgd(), 0.01, 10, stage_one_epochs=4, restart=True)
+    stages = TrainingStages(restart=True, stage_one_epochs=4, stage_two_start=None)
+    staged = StagedPolyLRScheduler(sgd(), 0.01, 10, lambda: stages)
     # stage 1: nnU-Net's decay over its 4 epochs, then its last value while stage 1 goes on
     assert np.allclose(lrs(staged, range(4)), lrs(PolyLRScheduler(sgd(), 0.01, 4), range(4)))
     assert np.isclose(lrs(staged, [5])[0], lrs(PolyLRScheduler(sgd(), 0.01, 4), [3])[0])
-    staged.stage_two_start = 6  # stage 2: nnU-Net's decay again, over the 4 epochs left
+    stages = stages._replace(stage_two_start=6)  # stage 2: nnU-Net's decay again, over the 4 epochs left
     assert np.allclose(lrs(staged, range(6, 10)), lrs(PolyLRScheduler(sgd(), 0.01, 4), range(4)))
     assert lrs(staged, [6]) == [0.01]
-    plain = StagedPolyLRScheduler(sgd(), 0.01, 10, stage_one_epochs=4, restart=False)
-    plain.stage_two_start = 6
+    plain = StagedPolyLRScheduler(sgd(), 0.01, 10, lambda: TrainingStages(False, 4, 6))
     assert np.allclose(lrs(plain, range(10)), lrs(PolyLRScheduler(sgd(), 0.01, 10), range(10)))
 
 
@@ -242,8 +242,7 @@ def test_stage_two_restarts_the_learning_rate_with_fresh_momentum_and_a_resume_k
     path = str(tmp_path / "checkpoint_latest.pth")
     t.save_checkpoint(path)
     resumed = _new(TenEpochs, synthetic_3d)
-    resumed.load_checkpoint(path)  # --c: nnU-Net continues with epoch 7
-    resumed._schedule_follows_the_stages()  # what on_train_start does
+    resumed.load_checkpoint(path)  # --c: nnU-Net continues with epoch 7, the schedule asks the restored stages
     resumed.on_train_epoch_start()
     assert resumed.current_epoch == 7 and np.isclose(lr(resumed), 0.01 * (1 - 3 / 6) ** 0.9)
 
@@ -257,7 +256,7 @@ def test_stage_two_restarts_the_learning_rate_with_fresh_momentum_and_a_resume_k
 
 
 def test_the_staged_schedule_never_exceeds_the_initial_learning_rate_without_a_stage_one():
-    from nnunetv2_bcp.training.schedule import StagedPolyLRScheduler
+    from nnunetv2_bcp.training.schedule import StagedPolyLRScheduler, TrainingStages
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
-    StagedPolyLRScheduler(optimizer, 0.01, 10, stage_one_epochs=0, restart=True)  # steps once when made
+    StagedPolyLRScheduler(optimizer, 0.01, 10, lambda: TrainingStages(True, 0, None))  # steps once when made
     assert optimizer.param_groups[0]["lr"] == 0.01

@@ -29,15 +29,16 @@ class UntrustedCheckpointError(ValueError):
     """A checkpoint that holds more than tensors, numbers and Python's containers: unpickling it could run code."""
 
 
-def load_checkpoint_without_code(path: str, map_location="cpu") -> dict:
+def load_checkpoint_without_code(path: str, map_location="cpu", mmap: bool = False) -> dict:
     """``torch.load(path, weights_only=True)``, allowing the numpy scalars nnU-Net's checkpoints hold: a file that
-    needs any other global (a pickled object, which can run a command when loaded) is refused with the reason."""
+    needs any other global (a pickled object, which can run a command when loaded) is refused with the reason.
+    ``mmap``: tensors are mapped, not read, until used (for a look at the checkpoint's other entries)."""
     if not hasattr(torch.serialization, "safe_globals"):
         raise UntrustedCheckpointError(f"torch {torch.__version__} cannot load {path} as weights and numbers only "
                                        f"(torch 2.5 or newer can)")
     with torch.serialization.safe_globals(NUMPY_CHECKPOINT_GLOBALS):
         try:
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
         except pickle.UnpicklingError:
             allowed = {f"{g.__module__}.{g.__qualname__}" for g in NUMPY_CHECKPOINT_GLOBALS}
             unsafe = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in allowed]

@@ -26,7 +26,7 @@ from nnunetv2_bcp.training.diagnostics import (LOW_PSEUDO_LABEL_SHARE, classes_b
 from nnunetv2_bcp.training.checkpoint import (incompatibility, remove_stale_checkpoint_temporaries,
                                               save_nnunet_checkpoint_with)
 from nnunetv2_bcp.training.nnUNetTrainerLabelSubset import LabelSubsetMixin
-from nnunetv2_bcp.training.schedule import StagedPolyLRScheduler
+from nnunetv2_bcp.training.schedule import StagedPolyLRScheduler, TrainingStages
 from nnunetv2_bcp.training.start_from_model import ContinueOnlyWhereStartedFromModel
 from nnunetv2_bcp.unlabeled.loader import (UnlabeledDataset, make_unlabeled_stream, shutdown_stream,
                                            unlabeled_augmentation_workers)
@@ -229,24 +229,22 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
         optimizer, lr_scheduler = super().configure_optimizers()
         if type(lr_scheduler) is PolyLRScheduler:
             lr_scheduler = StagedPolyLRScheduler(optimizer, lr_scheduler.initial_lr, lr_scheduler.max_steps,
-                                                 self.pretrain_epochs(), self.bcp_restart_lr, lr_scheduler.exponent)
+                                                 self.training_stages, lr_scheduler.exponent)
         return optimizer, lr_scheduler
+
+    def training_stages(self) -> TrainingStages:
+        """The stages as the learning-rate schedule follows them: the settings as resolved, or as kept from the
+        checkpoint under --c."""
+        return TrainingStages(self.bcp_restart_lr, self.pretrain_epochs(), self.bcp_stage_two_start_epoch)
 
     def restarts_lr(self) -> bool:
         """Whether the learning rate restarts at stage 2 (not under a schedule another trainer brings)."""
         foreign = self.lr_scheduler is not None and not isinstance(self.lr_scheduler, StagedPolyLRScheduler)
         return self.bcp_restart_lr and not foreign
 
-    def _schedule_follows_the_stages(self) -> None:
-        if isinstance(self.lr_scheduler, StagedPolyLRScheduler):
-            self.lr_scheduler.restart = self.bcp_restart_lr
-            self.lr_scheduler.stage_one_epochs = self.pretrain_epochs()
-            self.lr_scheduler.stage_two_start = self.bcp_stage_two_start_epoch
-
     def on_train_start(self):
         self.check_stage_lengths()
         super().on_train_start()
-        self._schedule_follows_the_stages()  # the settings as resolved, or as kept from the checkpoint under --c
         self.largest_component_classes()  # decided (and a wrong setting refused) before any training
         if self.is_ddp:  # for the directions of the global batch (draw_directions)
             import torch.distributed as dist
@@ -353,7 +351,6 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
         self.teacher.load_state_dict(unwrap_network(self.network).state_dict())
         self.bcp_teacher_initialized = True
         self.bcp_stage_two_start_epoch = self.current_epoch
-        self._schedule_follows_the_stages()
         restart = ""
         if self.restarts_lr():
             self.optimizer.state.clear()

@@ -1,32 +1,39 @@
 """The learning-rate schedule of a two-stage training: nnU-Net's poly decay, restarted when stage 2 begins."""
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 
 
+class TrainingStages(NamedTuple):
+    """Where a two-stage training stands, as its schedule needs it."""
+    restart: bool  # the learning rate restarts at stage 2
+    stage_one_epochs: int  # the planned length of stage 1
+    stage_two_start: Optional[int]  # the epoch stage 2 began at; None while in stage 1
+
+
 class StagedPolyLRScheduler(PolyLRScheduler):
-    """nnU-Net's ``PolyLRScheduler``, stepped with the epoch as nnU-Net does, in two stages when ``restart`` is set:
-    stage 1 decays from ``initial_lr`` over its ``stage_one_epochs`` (staying at its last value if stage 1 runs
-    longer), stage 2 decays from ``initial_lr`` again, from the epoch it starts at (``stage_two_start``) to
+    """nnU-Net's ``PolyLRScheduler``, stepped with the epoch as nnU-Net does, in two stages when ``stages()`` says
+    ``restart``: stage 1 decays from ``initial_lr`` over its ``stage_one_epochs`` (staying at its last value if stage
+    1 runs longer), stage 2 decays from ``initial_lr`` again, from the epoch it starts at (``stage_two_start``) to
     ``max_steps`` (nnU-Net's ``num_epochs``). Without ``restart``, one decay over ``max_steps``, as nnU-Net's.
+    ``stages`` is asked at every step, so the schedule follows the trainer's settings as a resume restores them.
 
     With a restart, one training follows the schedule of a labeled-only nnU-Net model trained to its end and then
     continued with a fresh schedule: the two-command recipe, in one run."""
 
-    def __init__(self, optimizer, initial_lr: float, max_steps: int, stage_one_epochs: int, restart: bool,
+    def __init__(self, optimizer, initial_lr: float, max_steps: int, stages: Callable[[], TrainingStages],
                  exponent: float = 0.9):
-        self.stage_one_epochs = stage_one_epochs
-        self.restart = restart
-        self.stage_two_start: Optional[int] = None
+        self.stages = stages
         super().__init__(optimizer, initial_lr, max_steps, exponent)
 
     def decay_position(self, epoch: int) -> float:
         """How far into its decay ``epoch`` is, from 0 (``initial_lr``) towards 1."""
-        if not self.restart:
+        restart, stage_one_epochs, stage_two_start = self.stages()
+        if not restart:
             return epoch / self.max_steps
-        if self.stage_two_start is None:
-            return min(epoch, max(self.stage_one_epochs - 1, 0)) / max(self.stage_one_epochs, 1)
-        return (epoch - self.stage_two_start) / max(self.max_steps - self.stage_two_start, 1)
+        if stage_two_start is None:
+            return min(epoch, max(stage_one_epochs - 1, 0)) / max(stage_one_epochs, 1)
+        return (epoch - stage_two_start) / max(self.max_steps - stage_two_start, 1)
 
     def step(self, current_step=None):
         if current_step is None or current_step == -1:

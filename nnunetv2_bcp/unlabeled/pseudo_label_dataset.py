@@ -43,7 +43,7 @@ def trained_on_label_subset(checkpoint: str) -> bool:
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
     from nnunetv2_bcp.training.checkpoint import UntrustedCheckpointError, load_checkpoint_without_code
     try:
-        name = load_checkpoint_without_code(checkpoint).get("trainer_name")
+        name = load_checkpoint_without_code(checkpoint, mmap=True).get("trainer_name")  # the weights stay on disk
     except UntrustedCheckpointError:
         name = None  # the predictor says what it makes of the file
     if not name:
