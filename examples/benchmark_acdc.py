@@ -184,6 +184,29 @@ def _write_compact_volume(folder: str, volume: str, image, label) -> tuple:
     return [step, offset], size
 
 
+def _write_compact_groups(acdc: str, folder: str, groups: list, source: str, limit_mb: float = None,
+                          always_kept: int = 0):
+    """Each group of volumes (those that must stay together: a patient's two frames, or a whole list) from ACDC's
+    ``source`` folder into ``folder``; past the first ``always_kept`` groups, a group that would take the total past
+    ``limit_mb`` is left out. Returns ({volume: (step, offset)}, the volumes kept, bytes written)."""
+    maybe_mkdir_p(folder)
+    steps, total, kept = {}, 0, []
+    for i, group in enumerate(groups):
+        sizes = {}
+        for volume in group:
+            image, label = read_volume(acdc, volume, source)
+            steps[volume], sizes[volume] = _write_compact_volume(folder, volume, image, label)
+        if limit_mb is not None and i >= always_kept and total + sum(sizes.values()) > limit_mb * 1e6:
+            for volume in group:
+                steps.pop(volume)
+                for suffix in ("image", "label"):
+                    os.remove(join(folder, f"{volume}_{suffix}.npy.xz"))
+            continue
+        total += sum(sizes.values())
+        kept += group
+    return steps, kept, total
+
+
 def compact(args):
     """The validation volumes, every labeled set's patients and as many other training patients (whole, in a seeded
     order) as ``--max-mb`` allows into ``--out``; the test images into ``--out-test``."""
@@ -193,33 +216,18 @@ def compact(args):
     labeled = {p for patients in sets.values() for p in patients}
     others = sorted(set(patients_of(train)) - labeled)
     others = [others[i] for i in np.random.default_rng(args.seed).permutation(len(others))]
-    for folder, volumes, limit in ((args.out, None, args.max_mb), (args.out_test, test, None)):
-        maybe_mkdir_p(folder)
-        steps, total, kept = {}, 0, []
-        if volumes is None:  # training side: validation and labeled patients first, then the others while they fit
-            groups = [val, [v for v in train if v.split("_")[0] in labeled]]
-            groups += [[v for v in train if v.split("_")[0] == p] for p in others]
-        else:
-            groups = [volumes]
-        for i, group in enumerate(groups):
-            sizes = {}
-            for volume in group:
-                image, label = read_volume(acdc, volume, "test_images" if volumes is not None else "data")
-                steps[volume], sizes[volume] = _write_compact_volume(folder, volume, image, label)
-            if limit is not None and i >= 2 and total + sum(sizes.values()) > limit * 1e6:
-                for volume in group:  # the patient does not fit: left out
-                    steps.pop(volume)
-                    for suffix in ("image", "label"):
-                        os.remove(join(folder, f"{volume}_{suffix}.npy.xz"))
-                continue
-            total += sum(sizes.values())
-            kept += group
-        omitted = [v for v in train if v not in kept] if volumes is None else []
-        save_json({"train": [v for v in train if v in kept] if volumes is None else [],
-                   "val": val if volumes is None else [], "test": test, "labeled_sets": sets,
-                   "omitted_train": omitted, "steps": steps}, join(folder, COMPACT_MANIFEST), sort_keys=False)
-        print(f"{folder}: {len(steps)} volumes, {total / 1e6:.1f} MB"
-              + (f"; {len(omitted)} unlabeled training volumes left out" if volumes is None else ""), flush=True)
+    groups = [val, [v for v in train if v.split("_")[0] in labeled]]
+    groups += [[v for v in train if v.split("_")[0] == p] for p in others]
+    steps, kept, total = _write_compact_groups(acdc, args.out, groups, "data", args.max_mb, always_kept=2)
+    omitted = [v for v in train if v not in kept]
+    save_json({"train": [v for v in train if v in kept], "val": val, "test": test, "labeled_sets": sets,
+               "omitted_train": omitted, "steps": steps}, join(args.out, COMPACT_MANIFEST), sort_keys=False)
+    print(f"{args.out}: {len(steps)} volumes, {total / 1e6:.1f} MB; {len(omitted)} unlabeled training volumes left "
+          f"out", flush=True)
+    steps, _, total = _write_compact_groups(acdc, args.out_test, [test], "test_images")
+    save_json({"train": [], "val": [], "test": test, "labeled_sets": sets, "omitted_train": [], "steps": steps},
+              join(args.out_test, COMPACT_MANIFEST), sort_keys=False)
+    print(f"{args.out_test}: {len(steps)} volumes, {total / 1e6:.1f} MB", flush=True)
 
 
 def convert_compact(folders: list, raw_root: str) -> str:
