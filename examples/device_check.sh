@@ -25,6 +25,10 @@
 #   2. Data (7 MB): MSD Hippocampus planned and preprocessed by nnU-Net (plans from all cases), 30 of its cases:
 #        python examples/benchmark_label_scarce.py prepare --msd ../shared/data/Task04_Hippocampus -w .device/bench
 #        python examples/device/make_cost_data.py -i .device/bench/nnUNet_preprocessed/Dataset604_Hippocampus -o .device/data
+#      To time a ResEnc plans beside nnUNetPlans (on Hippocampus it shares their preprocessed data), after
+#        nnUNetv2_plan_experiment -d 604 -pl nnUNetPlannerResEncM
+#        nnUNetv2_preprocess -d 604 -plans_name nnUNetResEncUNetMPlans -c 3d_fullres -np 1   (nnUNet_* of .device/bench)
+#      add -p nnUNetPlans nnUNetResEncUNetMPlans, and time them with COST_PLANS="nnUNetPlans nnUNetResEncUNetMPlans"
 #   3. Dry run here (writes to .device/out; the CUDA tests skip; slow on 2 cores):
 #        bash examples/device_check.sh --device cpu --python .venv/bin/python --iterations 2 --site .device/site-dry \
 #          --budget 1500 --cost-cap 1200 -- echo extra
@@ -126,19 +130,22 @@ if [ "$SKIP_COST" = 0 ]; then
     phase "cost benchmark"
     dataset=$(ls "$DATA/nnUNet_preprocessed")
     # the paper's loss, then the plugin's defaults (an empty setting), each beside nnU-Net's own step; COST_SETTINGS
-    # ("NAME=VALUE ...") times one configuration instead
+    # ("NAME=VALUE ...") times one configuration instead; COST_PLANS ("nnUNetPlans nnUNetResEncUNetMPlans") the plans,
+    # each in the data (make_cost_data.py -p)
     if [ -n "${COST_SETTINGS+set}" ]; then RUNS=("$COST_SETTINGS"); else RUNS=("bcp_labeled_loss_weight=0" ""); fi
-    for run_settings in "${RUNS[@]}"; do
-        COST=()
-        for setting in $run_settings; do COST+=(--bcp "$setting"); done
-        work=$(mktemp -d)
-        echo "cost: BCP with ${run_settings:-the plugin defaults}" | tee -a "$OUT/cost.log"
-        # no nnUNet_raw: training reads only the preprocessed data
-        env -u nnUNet_raw nnUNet_preprocessed=$REPO/$DATA/nnUNet_preprocessed nnUNet_results=$work/results \
-            timeout "$(limit "$COST_CAP" 150)" $PYTHON examples/benchmark_cost.py -d "$dataset" -c 3d_fullres \
-            -p nnUNetPlans --device "$DEVICE" --iterations "$ITERATIONS" --data-wait-iterations "$ITERATIONS" \
-            --filter-shape 128 128 128 --repeats 1 "${COST[@]}" -o "$OUT/cost.jsonl" 2>&1 | tee -a "$OUT/cost.log"
-        echo "cost benchmark (${run_settings:-defaults}): exit status ${PIPESTATUS[0]}"
+    for plans in ${COST_PLANS:-nnUNetPlans}; do
+        for run_settings in "${RUNS[@]}"; do
+            COST=()
+            for setting in $run_settings; do COST+=(--bcp "$setting"); done
+            work=$(mktemp -d)
+            echo "cost: $plans, BCP with ${run_settings:-the plugin defaults}" | tee -a "$OUT/cost.log"
+            # no nnUNet_raw: training reads only the preprocessed data
+            env -u nnUNet_raw nnUNet_preprocessed=$REPO/$DATA/nnUNet_preprocessed nnUNet_results=$work/results \
+                timeout "$(limit "$COST_CAP" 150)" $PYTHON examples/benchmark_cost.py -d "$dataset" -c 3d_fullres \
+                -p "$plans" --device "$DEVICE" --iterations "$ITERATIONS" --data-wait-iterations "$ITERATIONS" \
+                --filter-shape 128 128 128 --repeats 1 "${COST[@]}" -o "$OUT/cost.jsonl" 2>&1 | tee -a "$OUT/cost.log"
+            echo "cost benchmark ($plans, ${run_settings:-defaults}): exit status ${PIPESTATUS[0]}"
+        done
     done
 fi
 
