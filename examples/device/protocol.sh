@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
-# The label-scarce protocol of issue 12 on the GPU machine, in one call. By default (what the next device session
-# needs): K=4, per seed (0 1 2) the labeled-only model L (1000 iterations), then from L for 1000 more (a) labeled-only
-# continued and (b) BCP continued in the plugin's default configuration (BCP=bcp_labeled_loss_weight=1: the
+# The label-scarce protocol (docs/benchmarks.md) on the GPU machine, in one call. By default: K=4, per seed (0 1 2)
+# the labeled-only model L (1000 iterations), then from L for 1000 more (a) labeled-only continued and (b) BCP continued in the plugin's default configuration (BCP=bcp_labeled_loss_weight=1: the
 # benchmark's BCP runs start from the paper's configuration and name what they change). L is retrained in every
 # session (a machine starts bare), and a new L needs its own (a) and (b). CANDIDATES (each NAME=VALUE[,NAME=VALUE])
 # run after (a) and (b) of every seed, in order; each is the paper's configuration changed by its own settings only
 # (not by BCP's: a candidate on top of the default names bcp_labeled_loss_weight=1 itself, e.g.
-# CANDIDATES=bcp_labeled_loss_weight=1,bcp_teacher_weak_view=true). The first device session ran K=2 as
+# CANDIDATES=bcp_labeled_loss_weight=1,bcp_teacher_weak_view=true). K=2 with two candidates:
 #   -- env K=2 BCP= CANDIDATES="bcp_labeled_loss_weight=1 bcp_teacher_weak_view=true" bash examples/device/protocol.sh
 # Each run's row (test Dice per case, and the validation Dice of its final checkpoint, on which candidates are chosen)
 # is appended to $OUT/label_scarce.jsonl as soon as that run is scored, so a timeout still returns every finished
