@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The label-scarce protocol (docs/benchmarks.md) on the GPU machine, in one call. By default: K=4, per seed (0 1 2)
 # the labeled-only model L (1000 iterations), then from L for 1000 more (a) labeled-only continued and (b) BCP
-# continued in the plugin's default configuration (BCP=bcp_labeled_loss_weight=1: the benchmark's BCP runs start from the paper's configuration and name what they change). L is retrained in every
-# session (a machine starts bare), and a new L needs its own (a) and (b). CANDIDATES (each NAME=VALUE[,NAME=VALUE])
+# continued in the plugin's default configuration (BCP=bcp_labeled_loss_weight=1: the benchmark's BCP runs start
+# from the paper's configuration and name what they change). L is retrained in every session (a machine starts
+# bare), and a new L needs its own (a) and (b). CANDIDATES (each NAME=VALUE[,NAME=VALUE])
 # run after (a) and (b) of every seed, in order; each is the paper's configuration changed by its own settings only
 # (not by BCP's: a candidate on top of the default names bcp_labeled_loss_weight=1 itself, e.g.
 # CANDIDATES=bcp_labeled_loss_weight=1,bcp_teacher_weak_view=true). K=2 with two candidates:
