@@ -107,6 +107,7 @@ def test_compiled_student_with_ema_teacher_survives_checkpoint_and_resume(synthe
     trainer = _cuda_trainer(synthetic_3d)
     assert isinstance(trainer.network, OptimizedModule), "nnU-Net did not compile the student"
     assert not isinstance(trainer.teacher, OptimizedModule)  # the teacher is a plain fp32 module
+    assert trainer.teacher_forward._orig_mod is trainer.teacher  # whose forward pass is compiled like the student's
     trainer.bcp_ema_decay = 0.9
     expected = trainer.teacher.state_dict()[FIRST_CONV].clone()
     for step in range(2):

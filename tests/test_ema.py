@@ -3,7 +3,7 @@ import copy
 import torch
 from torch import nn
 
-from nnunetv2_bcp.bcp import ema_update_, unwrap_network
+from nnunetv2_bcp.bcp import ema_update_, is_compiled, unwrap_network
 
 
 def small_net():
@@ -58,6 +58,7 @@ def test_wrapped_student_compiled_module():
     teacher = copy.deepcopy(student)
     compiled = torch.compile(student)  # OptimizedModule; not run, only unwrapped
     assert unwrap_network(compiled) is student
+    assert is_compiled(compiled) and not is_compiled(student)
     with torch.no_grad():
         student[0].bias.fill_(1.0)
     ema_update_(teacher, compiled, 0.0)
@@ -73,6 +74,7 @@ def test_wrapped_student_ddp_gloo(tmp_path):
         teacher = copy.deepcopy(student)
         ddp = DistributedDataParallel(torch.compile(student))
         assert unwrap_network(ddp) is student
+        assert is_compiled(ddp) and not is_compiled(DistributedDataParallel(small_net()))
         with torch.no_grad():
             student[3].weight.fill_(2.0)
         ema_update_(teacher, ddp, 0.5)

@@ -254,6 +254,38 @@ def test_teacher_is_the_ema_of_the_student_trajectory(trainer):
     assert not torch.allclose(trainer.teacher.state_dict()[name], trainer.network.state_dict()[name])
 
 
+def test_where_nnunet_compiles_the_student_the_teacher_is_compiled_too(synthetic_3d, monkeypatch):
+    """nnU-Net compiles only on CUDA; here its decision is forced and torch.compile traces with the eager backend, so
+    the wiring runs on the CPU (the compiled path on a GPU is test_cuda.py's)."""
+    import functools
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from torch._dynamo import OptimizedModule
+    from nnunetv2_bcp import nnUNetTrainerBCP
+    monkeypatch.setattr(nnUNetTrainer, "_do_i_compile", lambda self: True)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    plans = load_json(join(synthetic_3d["preprocessed"], "nnUNetPlans.json"))
+    plans["continue_training"] = False
+    dataset_json = load_json(join(synthetic_3d["preprocessed"], "dataset.json"))
+    trainer = nnUNetTrainerBCP(plans, "3d_fullres", 0, dataset_json, torch.device("cpu"))
+    trainer.initialize()
+    assert isinstance(trainer.network, OptimizedModule)
+    assert isinstance(trainer.teacher_forward, OptimizedModule) and trainer.teacher_forward._orig_mod is trainer.teacher
+    assert not isinstance(trainer.teacher, OptimizedModule)  # the EMA and the checkpoint see the plain module
+    trainer.current_epoch = trainer.pretrain_epochs()
+    trainer.begin_stage_two()
+    trainer.bcp_ema_decay = 0.5
+    for step in range(2):  # the compiled forward pass follows the teacher's in-place EMA updates
+        labeled, unlabeled = _batches(trainer, step)
+        assert np.isfinite(trainer.stage_two_step(labeled, unlabeled)["loss"])
+        with torch.no_grad():
+            assert torch.allclose(trainer.teacher_forward(unlabeled["data"]), trainer.teacher(unlabeled["data"]))
+    assert not [k for k in trainer.bcp_state()["teacher_weights"] if "_orig_mod" in k]
+
+
+def test_an_eager_student_has_an_eager_teacher(trainer):
+    assert trainer.teacher_forward is trainer.teacher
+
+
 def test_saved_student_and_teacher_predict_like_in_memory(trainer, tmp_path):
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     trainer.stage_two_step(*_batches(trainer, 5))

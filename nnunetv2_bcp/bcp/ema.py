@@ -5,11 +5,23 @@ from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel
 
 
-def unwrap_network(network: nn.Module) -> nn.Module:
-    """The plain module behind DDP and/or ``torch.compile`` wrappers (in any nesting order)."""
+def _wrapper_layers(network: nn.Module):
+    """The network, then each module wrapped by DDP and/or ``torch.compile`` (any nesting order); the plain one last."""
+    yield network
     while isinstance(network, (DistributedDataParallel, OptimizedModule)):
         network = network.module if isinstance(network, DistributedDataParallel) else network._orig_mod
-    return network
+        yield network
+
+
+def unwrap_network(network: nn.Module) -> nn.Module:
+    """The plain module behind DDP and/or ``torch.compile`` wrappers (in any nesting order)."""
+    *_, plain = _wrapper_layers(network)
+    return plain
+
+
+def is_compiled(network: nn.Module) -> bool:
+    """Whether ``torch.compile`` wrapped the network, possibly inside or around DDP."""
+    return any(isinstance(layer, OptimizedModule) for layer in _wrapper_layers(network))
 
 
 @torch.no_grad()

@@ -19,8 +19,8 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
 from nnunetv2_bcp.bcp import (BCPLoss, bcp_total, copy_paste, downsample_mask, ema_update_, inward_directions,
-                              keep_largest_component, labeled_origin, labeled_partner, mix_by_origin, pseudo_labels,
-                              random_box_mask, single_component_share, unwrap_network)
+                              is_compiled, keep_largest_component, labeled_origin, labeled_partner, mix_by_origin,
+                              pseudo_labels, random_box_mask, single_component_share, unwrap_network)
 from nnunetv2_bcp.training.diagnostics import (LOW_PSEUDO_LABEL_SHARE, classes_below_share, epoch_figures,
                                                record_progress, skipped_step_figures, step_figures)
 from nnunetv2_bcp.training.checkpoint import (incompatibility, remove_stale_checkpoint_temporaries,
@@ -101,6 +101,7 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
         self.bcp_largest_component = "auto"
         self.bcp_largest_component_classes = None  # what the setting resolves to (largest_component_classes())
         self.teacher = None
+        self.teacher_forward = None  # the teacher, compiled where nnU-Net compiled the student
         self.bcp_loss = None
         self.dataloader_unlabeled = None
         self.bcp_teacher_initialized = False
@@ -138,6 +139,9 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.teacher.eval()
+        # where nnU-Net compiles the student (nnUNet_compile on CUDA), an eager teacher would launch its forward pass
+        # kernel by kernel; the compiled wrapper shares the teacher's tensors, so the EMA and checkpoints see one module
+        self.teacher_forward = torch.compile(self.teacher) if is_compiled(self.network) else self.teacher
         self.bcp_loss = BCPLoss.like_nnunet_loss(self.loss)
 
     def bcp_box_stride(self) -> tuple:
@@ -390,7 +394,7 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
         ignore channel if needed); the largest-component filter runs where the labels are (on a GPU: no copy to the
         host, see :func:`keep_largest_component`)."""
         with self._autocast():
-            logits = _as_list(self.teacher(unlabeled))[0]
+            logits = _as_list(self.teacher_forward(unlabeled))[0]
         regions = self.label_manager.has_regions
         labels = pseudo_labels(logits.float(), region_based=regions)
         classes = self.largest_component_classes()
