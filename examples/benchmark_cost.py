@@ -15,7 +15,9 @@ for batches; ``--filter-shape`` times the largest-component filter on a syntheti
 as well. Each trainer also counts the operators one step dispatches (forward, backward, optimizer; on a GPU each is
 about one kernel launch, which bounds a short step) and the files they come from. The BCP trainer has the plugin's
 defaults; ``--bcp`` sets BCP settings on it before it is initialised (e.g. ``bcp_labeled_loss_weight=0``: the
-paper's loss alone, without the default supervised term).
+paper's loss alone, without the default supervised term). ``nnUNet_compile=t`` on CUDA times both trainers compiled
+as nnU-Net compiles them by default there (student and teacher; the warm-up iterations compile, and no operators are
+counted: the compiled graphs dispatch fused kernels the count cannot see).
 """
 import argparse
 import json
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 from batchgenerators.utilities.file_and_folder_operations import join, load_json
 
+from nnunetv2_bcp.bcp import is_compiled
 from nnunetv2_bcp.training.nnUNetTrainerBCP import STAGE_TWO_SETTINGS
 
 
@@ -75,7 +78,7 @@ def measure(kind: str, args) -> dict:
     ubatch = next(unlabeled) if unlabeled is not None else None
     if kind == "bcp":
         trainer.current_epoch = trainer.pretrain_epochs()
-        trainer.teacher.load_state_dict(trainer.network.state_dict())
+        trainer.begin_stage_two()
         step_on = trainer.stage_two_step
     else:
         step_on = lambda b, _: trainer.train_step(b)  # noqa: E731
@@ -94,7 +97,8 @@ def measure(kind: str, args) -> dict:
         seconds.append(time.perf_counter() - start)
     result = {"seconds_per_iteration": float(np.median(seconds)), "iteration_seconds": seconds,
               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-              "batch_size": trainer.batch_size, "patch_size": list(trainer.configuration_manager.patch_size)}
+              "batch_size": trainer.batch_size, "patch_size": list(trainer.configuration_manager.patch_size),
+              "compiled": is_compiled(trainer.network)}
     if args.device.startswith("cuda"):
         result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
     if kind == "bcp":
@@ -104,7 +108,8 @@ def measure(kind: str, args) -> dict:
         if args.filter_shape:
             result["largest_component_seconds_2x" + "x".join(map(str, args.filter_shape))] = \
                 synthetic_filter_seconds(args.filter_shape, trainer.device, args)
-    result["dispatched_operators"] = dispatched_operators(step)
+    if not result["compiled"]:
+        result["dispatched_operators"] = dispatched_operators(step)
     if args.data_wait_iterations:
         result["data_wait_seconds_per_iteration"] = data_wait(step_on, labeled, unlabeled, args)
     for stream in (labeled, validation, unlabeled):
@@ -184,10 +189,13 @@ def breakdown(trainer, batch, ubatch, args) -> dict:
         _sync(args.device)
         return (time.perf_counter() - start) / repeats
 
-    with torch.no_grad():
-        logits = trainer.teacher(unlabeled)
-    labels = pseudo_labels(logits, trainer.label_manager.has_regions)
-    seconds = {"teacher_forward": timed(lambda: torch.no_grad()(trainer.teacher)(unlabeled)),
+    @torch.no_grad()
+    def teacher_forward():  # as the step runs it: compiled where the student is, autocast on CUDA
+        with trainer._autocast():
+            return trainer.teacher_forward(unlabeled)
+
+    labels = pseudo_labels(teacher_forward().float(), trainer.label_manager.has_regions)
+    seconds = {"teacher_forward": timed(teacher_forward),
                "largest_component": timed(lambda: keep_largest_component(labels, trainer.label_manager.has_regions)),
                "ema_update": timed(lambda: ema_update_(trainer.teacher, trainer.network, 0.99)),
                "whole_step": timed(lambda: trainer.stage_two_step(batch, ubatch), repeats=3)}
@@ -247,12 +255,13 @@ def main():
                "bcp_settings": settings, "bcp_stage_two": bcp["stage_two"],
                # glibc's allocator settings change a CPU step's time (docs/benchmarks.md)
                "malloc_environment": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
-               "batch_size": plain["batch_size"], "patch_size": plain["patch_size"],
+               "batch_size": plain["batch_size"], "patch_size": plain["patch_size"], "compiled": plain["compiled"],
                "plain": plain, "bcp": bcp,
                "time_ratio": bcp["seconds_per_iteration"] / plain["seconds_per_iteration"],
                "memory_ratio": bcp.get("peak_cuda_mib", bcp["peak_rss_mib"]) /
                plain.get("peak_cuda_mib", plain["peak_rss_mib"])}
-    print(f"{args.d} {args.c} ({args.p}), patch {plain['patch_size']}, batch {plain['batch_size']}, {args.device}")
+    print(f"{args.d} {args.c} ({args.p}), patch {plain['patch_size']}, batch {plain['batch_size']}, {args.device}"
+          + (", compiled" if plain["compiled"] else ""))
     memory_key = "peak_cuda_mib" if "peak_cuda_mib" in plain else "peak_rss_mib"
     for kind in ("plain", "bcp"):
         r = results[kind]
@@ -262,10 +271,11 @@ def main():
     print("  BCP step breakdown [s]: " + ", ".join(f"{k} {v:.3f}" for k, v in bcp["breakdown_seconds"].items()))
     for key in sorted(k for k in bcp if k.startswith("largest_component_seconds")):
         print(f"  {key}: {bcp[key]:.4f}")
-    plain_ops, bcp_ops = plain["dispatched_operators"], bcp["dispatched_operators"]
-    print(f"  operators dispatched per step: plain {plain_ops['total']}, bcp {bcp_ops['total']} "
-          f"({bcp_ops['total'] / plain_ops['total']:.2f}x); BCP's by source: "
-          + ", ".join(f"{k} {v}" for k, v in list(bcp_ops["by_source"].items())[:8]))
+    if "dispatched_operators" in plain:
+        plain_ops, bcp_ops = plain["dispatched_operators"], bcp["dispatched_operators"]
+        print(f"  operators dispatched per step: plain {plain_ops['total']}, bcp {bcp_ops['total']} "
+              f"({bcp_ops['total'] / plain_ops['total']:.2f}x); BCP's by source: "
+              + ", ".join(f"{k} {v}" for k, v in list(bcp_ops["by_source"].items())[:8]))
     if args.data_wait_iterations:
         print("  waiting for data [s/iteration]: " + ", ".join(
             f"{kind} {results[kind]['data_wait_seconds_per_iteration']:.4f}" for kind in ("plain", "bcp")))

@@ -41,7 +41,9 @@
 # (one JSON line: seconds/iteration and peak CUDA memory of both trainers, their ratios, the BCP breakdown with the
 # largest-component filter's share, the filter on 2x128^3, the data waiting), extra.log. Append $OUT/cost.jsonl to
 # examples/results/cost.jsonl here. Compile: the cost benchmark runs eager (nnUNet_compile=f; compiling both trainers
-# would take minutes of the budget); the compiled path is covered by one CUDA test on a tiny network.
+# would take minutes of the budget); the compiled path is covered by one CUDA test on a tiny network. The compiled
+# step, as nnU-Net trains on CUDA by default (student and teacher compiled; rows say "compiled": true), in a warm call:
+#   nnUNet_compile=t bash examples/device_check.sh --skip-tests --cost-cap 280 --budget 580   (compile time not measured)
 #
 # AN EXTRA COMMAND gets what is left of --budget (default 430 s of the call's timeout_s), e.g. a short label-scarce
 # protocol. Its work dir (.device/bench: 57.9 MB) does not fit beside the wheels: carry it in a second call chained
