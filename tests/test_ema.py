@@ -100,3 +100,20 @@ def test_shared_submodules_are_updated_once():
     assert len(teacher.state_dict()) == 4
     ema_update_(teacher, student, 0.9)
     assert torch.allclose(teacher.encoder.weight, torch.full((2, 2), 0.1))
+
+
+def test_the_update_is_one_operator_whatever_the_number_of_tensors():
+    """On a GPU each dispatched operator costs a launch or at least host time; a per-tensor detach cost 2 per tensor."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    dispatched = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            dispatched.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    student = nn.Sequential(*[nn.Conv3d(2, 2, 3) for _ in range(8)], nn.InstanceNorm3d(2, affine=True))
+    teacher = copy.deepcopy(student)
+    with Record():
+        ema_update_(teacher, student, 0.99)
+    assert dispatched == ["aten._foreach_lerp_.Scalar"]

@@ -39,8 +39,7 @@ def ema_update_(teacher: nn.Module, student: nn.Module, decay: float) -> None:
     student_tensors = {**dict(student.named_parameters()), **dict(student.named_buffers())}
     averaged, targets = [], []
     for name, t in [*teacher.named_parameters(), *teacher.named_buffers()]:
-        s = student_tensors[name].detach()
-        t = t.detach()
+        s = student_tensors[name]  # no detach: under no_grad it would only dispatch one operator per tensor
         if t.is_floating_point():
             averaged.append(t)
             targets.append(s.to(t.dtype))
