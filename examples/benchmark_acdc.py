@@ -53,6 +53,7 @@ CLASSES = [1, 2, 3]
 NOMINAL_SPACING = (1.5625, 1.5625, 10.0)  # (x, y, z) mm: the h5 files keep none
 PAPER_LABELED_PATIENTS = 7  # the first patients of train_slices.list: the paper's 10 % set; its first 3 are the 5 %
 RESULTS = join(HERE, "results", "acdc.jsonl")
+HD95_RESULTS = join(HERE, "results", "acdc_hd95.jsonl")  # HD95 of rows written before the benchmark computed it
 TEST_PREDICTIONS = join(HERE, "results", "acdc_test_predictions")
 DOCS = join(HERE, os.pardir, "docs", "benchmarks.md")
 TABLE_START, TABLE_END = "<!-- acdc-table:start -->", "<!-- acdc-table:end -->"
@@ -319,6 +320,53 @@ def validation_metrics(fold_folder: str) -> dict:
             "validation_per_case": per_case, "validation_num_cases": len(per_case)}
 
 
+def hd95_per_case(predictions: str, labels: str) -> dict:
+    """HD95 per volume and class, in voxels (the spacing is nominal; the paper's evaluation measures in voxels too):
+    MONAI's ``compute_hausdorff_distance`` (95th percentile of the surface distances, the larger of both directions)
+    for every label map in ``predictions`` against its namesake in ``labels``. ``None`` where the prediction or the
+    reference lacks the class (the paper's evaluation code scores a class missing from the prediction as 0)."""
+    import warnings
+    import SimpleITK as sitk
+    import torch
+    from monai.metrics import compute_hausdorff_distance
+
+    def one_hot(path):
+        array = torch.from_numpy(sitk.GetArrayFromImage(sitk.ReadImage(path)).astype(np.int64))
+        return torch.stack([array == c for c in CLASSES])[None]
+
+    per_case = {}
+    for f in sorted(f for f in os.listdir(predictions) if f.endswith(".nii.gz")):
+        prediction, reference = one_hot(join(predictions, f)), one_hot(join(labels, f))
+        with warnings.catch_warnings():  # a class missing from a map: counted in hd95_summary, not warned per volume
+            warnings.simplefilter("ignore")
+            distances = compute_hausdorff_distance(prediction, reference, include_background=True, percentile=95)[0]
+        per_case[f[:-len(".nii.gz")]] = {str(c): None if not torch.isfinite(d) else float(d)
+                                         for c, d in zip(CLASSES, distances)}
+    return per_case
+
+
+def hd95_summary(per_case: dict) -> dict:
+    """Per class the mean HD95 over the volumes where it is defined and the number where it is not (a class missing
+    from the prediction); their mean over the classes."""
+    per_class = {str(c): [v[str(c)] for v in per_case.values()] for c in CLASSES}
+    means = {c: float(np.mean([d for d in values if d is not None])) if any(d is not None for d in values) else None
+             for c, values in per_class.items()}
+    return {"validation_hd95_mean": float(np.mean(list(means.values()))) if None not in means.values() else None,
+            "validation_hd95_per_class": means,
+            "validation_hd95_undefined": {c: sum(d is None for d in values) for c, values in per_class.items()},
+            "validation_hd95_per_case": per_case}
+
+
+def validation_hd95(fold_folder: str, labels: str) -> dict:
+    """``hd95_summary`` of nnU-Net's final validation, where MONAI is installed (the benchmark extra)."""
+    try:
+        import monai  # noqa: F401
+    except ImportError:
+        print("HD95 not computed: MONAI is not installed (pip install monai)", flush=True)
+        return {}
+    return hd95_summary(hd95_per_case(join(fold_folder, "validation"), labels))
+
+
 def pseudo_label_quality(env: dict, raw: str, target_raw: str, work: str, name: str) -> dict:
     """Dice of the pseudo-labels against the held-back labels of the unlabeled training patients (for choosing between
     candidates; never used in training)."""
@@ -465,6 +513,7 @@ def run(args) -> dict:
               "test_images": os.path.abspath(test_images), "date": time.strftime("%Y-%m-%d"),
               "environment": started["environment"], "code": code_version(), "command": reproduce_command(args)}
     result.update(validation_metrics(fold_dir))
+    result.update(validation_hd95(fold_dir, join(raw, "labelsTr")))
     if earlier is not None:
         result["resumed_at_epoch"] = earlier["epoch"]
     if trainer == "BenchBCP":
@@ -531,8 +580,9 @@ def set_table(labeled_set: str, rows: list) -> str:
     for r in latest:
         by_arm.setdefault(r["arm"], []).append(r)
     lines = [f"**{labeled_set}** (labeled patients: {', '.join(by_arm.get('labeled', rows)[0]['labeled_patients'])})",
-             "", "| arm | iterations | validation Dice mean | RV / MYO / LV | IoU mean | − (a) per volume [95% CI], "
-             "better in | − (c) per volume [95% CI] | train time (s/it) | command |", "|---|---|---|---|---|---|---|---|---|"]
+             "", "| arm | iterations | validation Dice mean | RV / MYO / LV | IoU mean | HD95 mean (voxels) | "
+             "− (a) per volume [95% CI], better in | − (c) per volume [95% CI] | train time (s/it) | command |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for arm in ARMS:
         for r in sorted(by_arm.get(arm, []), key=lambda r: (r["iterations"], r["run"])):
             cells = []
@@ -545,16 +595,69 @@ def set_table(labeled_set: str, rows: list) -> str:
                     continue
                 stats = common.paired_statistics(volume_means(partner[-1]), volume_means(r))
                 cells.append(f"{stats['mean']:+.4f} [{stats['ci'][0]:+.4f}, {stats['ci'][1]:+.4f}], "
-                             f"{stats['better']}/{stats['n']}")
+                             f"{stats['better']}/{stats['n']}" + hd95_difference(partner[-1], r))
             per_class = " / ".join(f"{r['validation_dice_per_class'][str(c)]:.3f}" for c in CLASSES)
             lines.append(f"| {ARM_LABELS[arm]} | {r['iterations']} | {r['validation_dice_mean']:.4f} | {per_class} | "
-                         f"{r['validation_iou_mean']:.4f} | {cells[0]} | {cells[1]} | {r['train_seconds']} "
-                         f"({r['seconds_per_iteration']}, {r['device']}) | `{r['command']}` |")
+                         f"{r['validation_iou_mean']:.4f} | {hd95_cell(r)} | {cells[0]} | {cells[1]} | "
+                         f"{r['train_seconds']} ({r['seconds_per_iteration']}, {r['device']}) | `{r['command']}` |")
     return "\n".join(lines)
 
 
+def hd95_cell(row: dict) -> str:
+    """The mean HD95 over the classes, and how many volume-class pairs it leaves out (a class the model missed)."""
+    if row.get("validation_hd95_per_class") is None:
+        return ""
+    undefined = sum(row["validation_hd95_undefined"].values())
+    if row["validation_hd95_mean"] is None:
+        return f"undefined ({undefined} volume-classes missed)"
+    return f"{row['validation_hd95_mean']:.2f}" + (f" ({undefined} volume-classes missed)" if undefined else "")
+
+
+def volume_hd95(row: dict) -> dict:
+    """Per validation volume where every class is defined: the mean HD95 over RV, MYO and LV."""
+    return {case: float(np.mean(list(d.values()))) for case, d in row.get("validation_hd95_per_case", {}).items()
+            if None not in d.values()}
+
+
+def hd95_difference(baseline: dict, row: dict) -> str:
+    """``; HD95 <mean> [95% CI], lower in k/n`` per volume (the volumes both define), or '' without HD95."""
+    before, after = volume_hd95(baseline), volume_hd95(row)
+    if not set(before) & set(after):
+        return ""
+    stats = common.paired_statistics(before, after)
+    lower = sum(after[c] < before[c] for c in set(before) & set(after))
+    return (f"; HD95 {stats['mean']:+.1f} [{stats['ci'][0]:+.1f}, {stats['ci'][1]:+.1f}], lower in "
+            f"{lower}/{stats['n']}")
+
+
+def with_hd95(rows: list, hd95_rows: list) -> list:
+    """Rows with the HD95 computed afterwards for their run (``add-hd95``), where they lack their own."""
+    later = {r["run"]: r for r in hd95_rows}
+    return [{**{k: v for k, v in later.get(r["run"], {}).items() if k.startswith("validation_hd95")}, **r}
+            for r in rows]
+
+
+def add_hd95(args):
+    """HD95 of the kept models' final validation predictions, for result rows that lack it: one line per run in
+    ``--hd95-results``, which ``table`` joins to the rows."""
+    done = {r["run"] for r in common.load_rows(args.hd95_results)}
+    labels = join(args.work_dir, "nnUNet_raw", DATASET_NAME, "labelsTr")
+    for row in {r["run"]: r for r in common.load_rows(args.results)}.values():
+        if "validation_hd95_per_class" in row or row["run"] in done:
+            continue
+        fold = join(args.work_dir, "models", row["run"], "fold_0")
+        if not os.path.isdir(join(fold, "validation")):
+            print(f"{row['run']}: its validation predictions are not in {fold}: skipped", flush=True)
+            continue
+        hd95 = validation_hd95(fold, labels)
+        if not hd95:
+            raise SystemExit("add-hd95 needs MONAI: pip install monai")
+        common.append_row(args.hd95_results, {"run": row["run"], **hd95, "code": code_version()})
+        print(f"{row['run']}: HD95 {hd95_cell(hd95)}", flush=True)
+
+
 def table(args):
-    rows = common.load_rows(args.results)
+    rows = with_hd95(common.load_rows(args.results), common.load_rows(args.hd95_results))
     sets = []
     for r in rows:
         if r["labeled_set"] not in sets and r["labeled_set"] is not None:
@@ -586,8 +689,8 @@ def curve(args):
 
 
 def score(args):
-    """Dice per class of every run's committed test predictions against a folder of labels (e.g. the held-out test
-    labels, once they are released); nothing else in this benchmark reads test labels."""
+    """Dice per class (and with ``--hd95`` HD95) of every run's committed test predictions against a folder of labels
+    (e.g. the held-out test labels, once they are released); nothing else in this benchmark reads test labels."""
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     for run in sorted(os.listdir(args.predictions)):
@@ -597,7 +700,10 @@ def score(args):
         summary = compute_metrics_on_folder(args.labels, folder, output, SimpleITKIO(), ".nii.gz", CLASSES,
                                             num_processes=2)
         per_class = " ".join(f"{summary['mean'][str(c)]['Dice']:.4f}" for c in CLASSES)
-        print(f"{run}: mean Dice {summary['foreground_mean']['Dice']:.4f} (RV MYO LV {per_class})", flush=True)
+        hd95 = ""
+        if args.hd95:
+            hd95 = f"; HD95 (voxels) {hd95_cell(hd95_summary(hd95_per_case(folder, args.labels)))}"
+        print(f"{run}: mean Dice {summary['foreground_mean']['Dice']:.4f} (RV MYO LV {per_class}){hd95}", flush=True)
 
 
 def main():
@@ -627,17 +733,21 @@ def main():
     o.add_argument("--jobs", type=int, default=1, help="runs at once after L [1]")
     o.add_argument("--dry-run", action="store_true")
     t = sub.add_parser("table")
+    h = sub.add_parser("add-hd95", help="HD95 of kept models' validation predictions, for rows without it")
     t.add_argument("--docs", default=DOCS)
     v = sub.add_parser("curve")
     v.add_argument("--run", required=True, help="a kept run, e.g. labeled_paper3_it1000")
     v.add_argument("--every", type=int, default=5, help="print every N-th epoch [5]")
     c = sub.add_parser("score")
     c.add_argument("--labels", required=True, help="folder of label maps named like the test images")
-    for q in (p, r, o, c, v):
+    c.add_argument("--hd95", action="store_true", help="HD95 as well (needs MONAI)")
+    for q in (p, r, o, c, v, h):
         q.add_argument("-w", "--work-dir", default="bench_acdc")
-    for q in (r, o, t, c):
+    for q in (r, o, t, c, h):
         q.add_argument("--results", default=RESULTS)
         q.add_argument("--predictions", default=TEST_PREDICTIONS, help="where the test label maps are copied")
+    for q in (t, h):
+        q.add_argument("--hd95-results", default=HD95_RESULTS)
     for q in (r, o):
         q.add_argument("--iterations-per-epoch", type=int, default=common.DEFAULT_ITERATIONS_PER_EPOCH)
         q.add_argument("--device", default="cpu")
@@ -647,7 +757,7 @@ def main():
     if hasattr(args, "work_dir"):
         args.work_dir = os.path.abspath(args.work_dir)
     {"prepare": prepare, "compact": compact, "run": run, "protocol": protocol, "table": table, "curve": curve,
-     "score": score}[args.command](args)
+     "score": score, "add-hd95": add_hd95}[args.command](args)
 
 
 if __name__ == "__main__":

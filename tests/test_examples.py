@@ -697,12 +697,47 @@ def test_acdc_benchmark_table_pairs_the_arms_that_started_from_the_same_model(tm
     results, docs = tmp_path / "acdc.jsonl", tmp_path / "benchmarks.md"
     results.write_text("".join(json.dumps(r) + "\n" for r in rows))
     docs.write_text("# Benchmarks\n")
-    acdc.table(argparse.Namespace(results=str(results), docs=str(docs)))
+    acdc.table(argparse.Namespace(results=str(results), docs=str(docs), hd95_results=str(tmp_path / "none.jsonl")))
     text = docs.read_text()
     assert text.startswith("# Benchmarks\n") and acdc.TABLE_START in text
     bcp = [line for line in text.splitlines() if line.startswith("| (b)")]
     assert "+0.1000 [+0.1000, +0.1000], 5/5" in bcp[0] and "+0.0500 [" in bcp[0]  # vs (a) and vs (c)
     assert "| 500 | 0.9000 |" in bcp[1] and "+0." not in bcp[1]
+
+
+def test_acdc_hd95_in_voxels_per_volume_and_class_joined_to_the_table_rows_without_it(tmp_path):
+    import SimpleITK as sitk
+    acdc = _load("benchmark_acdc")
+    predictions, labels = tmp_path / "pred", tmp_path / "labels"
+    predictions.mkdir()
+    labels.mkdir()
+    reference, predicted = np.zeros((4, 20, 20), np.uint8), np.zeros((4, 20, 20), np.uint8)
+    reference[:, 2:18, 5], predicted[:, 2:18, 8] = 1, 1  # RV: a plane, predicted 3 voxels off (the spacing ignored)
+    reference[1:3, 12:16, 12:16] = predicted[1:3, 12:16, 12:16] = 2  # MYO: exact
+    reference[1:3, 2:4, 14:16] = 3  # LV: missed by the prediction
+    for folder, array in ((labels, reference), (predictions, predicted)):
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing(acdc.NOMINAL_SPACING)
+        sitk.WriteImage(image, str(folder / "patient001_frame01.nii.gz"))
+    per_case = acdc.hd95_per_case(str(predictions), str(labels))
+    assert per_case == {"patient001_frame01": {"1": 3.0, "2": 0.0, "3": None}}
+    summary = acdc.hd95_summary(per_case)
+    assert summary["validation_hd95_per_class"] == {"1": 3.0, "2": 0.0, "3": None}
+    assert summary["validation_hd95_mean"] is None and summary["validation_hd95_undefined"] == {"1": 0, "2": 0, "3": 1}
+    assert acdc.hd95_cell(summary) == "undefined (1 volume-classes missed)"
+    defined = acdc.hd95_summary({"a": {"1": 2.0, "2": 1.0, "3": 3.0}, "b": {"1": 4.0, "2": None, "3": 3.0}})
+    assert defined["validation_hd95_mean"] == pytest.approx(7 / 3) and acdc.hd95_cell(defined) == \
+        "2.33 (1 volume-classes missed)"
+
+    rows = [_acdc_row(acdc, "labeled", 1000, 0.5), _acdc_row(acdc, "labeled_continue", 300, 0.6, "L1")]
+    results, later, docs = tmp_path / "acdc.jsonl", tmp_path / "acdc_hd95.jsonl", tmp_path / "benchmarks.md"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    later.write_text(json.dumps({"run": rows[1]["run"], **defined, "code": "x"}) + "\n")
+    docs.write_text("# Benchmarks\n")
+    acdc.table(argparse.Namespace(results=str(results), docs=str(docs), hd95_results=str(later)))
+    table = docs.read_text().splitlines()
+    assert "| 2.33 (1 volume-classes missed) |" in next(line for line in table if line.startswith("| (a)"))
+    assert "| 0.5000 |  | " in next(line for line in table if line.startswith("| L"))  # L: no HD95, an empty cell
 
 
 def test_the_benchmarks_plugin_defaults_are_the_trainers_own(synthetic_3d):
