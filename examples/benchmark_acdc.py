@@ -53,7 +53,9 @@ CLASSES = [1, 2, 3]
 NOMINAL_SPACING = (1.5625, 1.5625, 10.0)  # (x, y, z) mm: the h5 files keep none
 PAPER_LABELED_PATIENTS = 7  # the first patients of train_slices.list: the paper's 10 % set; its first 3 are the 5 %
 RESULTS = join(HERE, "results", "acdc.jsonl")
-HD95_RESULTS = join(HERE, "results", "acdc_hd95.jsonl")  # HD95 of rows written before the benchmark computed it
+# HD95 and the largest-component metrics of rows written before the benchmark computed them (``add-metrics``)
+EXTRA_RESULTS = join(HERE, "results", "acdc_extra_metrics.jsonl")
+LARGEST_COMPONENT = "largest_component"  # the prefix of the metrics after keeping each class's largest component
 TEST_PREDICTIONS = join(HERE, "results", "acdc_test_predictions")
 DOCS = join(HERE, os.pardir, "docs", "benchmarks.md")
 TABLE_START, TABLE_END = "<!-- acdc-table:start -->", "<!-- acdc-table:end -->"
@@ -303,9 +305,8 @@ def run_name(arm: str, labeled_set: str, iterations: int, from_iterations: int =
     return name + (f"_from{from_iterations}" if arm in CONTINUE_ARMS else "") + suffix
 
 
-def validation_metrics(fold_folder: str) -> dict:
-    """Dice and IoU per class and per volume of nnU-Net's final validation (the 20 validation volumes)."""
-    path = join(fold_folder, "validation", "summary.json")
+def summary_metrics(path: str, prefix: str = "validation") -> dict:
+    """Dice and IoU per class and per volume from nnU-Net's evaluation (``summary.json``), as ``<prefix>_...``."""
     if not isfile(path):
         raise SystemExit(f"{path} is missing: the training did not finish its validation")
     summary = load_json(path)
@@ -313,11 +314,16 @@ def validation_metrics(fold_folder: str) -> dict:
     for entry in summary["metric_per_case"]:
         case = os.path.basename(entry["reference_file"])[:-len(".nii.gz")]
         per_case[case] = {str(c): {m: entry["metrics"][str(c)][m] for m in ("Dice", "IoU")} for c in CLASSES}
-    return {"validation_dice_mean": summary["foreground_mean"]["Dice"],
-            "validation_iou_mean": summary["foreground_mean"]["IoU"],
-            "validation_dice_per_class": {str(c): summary["mean"][str(c)]["Dice"] for c in CLASSES},
-            "validation_iou_per_class": {str(c): summary["mean"][str(c)]["IoU"] for c in CLASSES},
-            "validation_per_case": per_case, "validation_num_cases": len(per_case)}
+    return {f"{prefix}_dice_mean": summary["foreground_mean"]["Dice"],
+            f"{prefix}_iou_mean": summary["foreground_mean"]["IoU"],
+            f"{prefix}_dice_per_class": {str(c): summary["mean"][str(c)]["Dice"] for c in CLASSES},
+            f"{prefix}_iou_per_class": {str(c): summary["mean"][str(c)]["IoU"] for c in CLASSES},
+            f"{prefix}_per_case": per_case, f"{prefix}_num_cases": len(per_case)}
+
+
+def validation_metrics(fold_folder: str) -> dict:
+    """Dice and IoU per class and per volume of nnU-Net's final validation (the 20 validation volumes)."""
+    return summary_metrics(join(fold_folder, "validation", "summary.json"))
 
 
 def hd95_per_case(predictions: str, labels: str) -> dict:
@@ -345,26 +351,59 @@ def hd95_per_case(predictions: str, labels: str) -> dict:
     return per_case
 
 
-def hd95_summary(per_case: dict) -> dict:
+def hd95_summary(per_case: dict, prefix: str = "validation") -> dict:
     """Per class the mean HD95 over the volumes where it is defined and the number where it is not (a class missing
-    from the prediction); their mean over the classes."""
+    from the prediction); their mean over the classes (``<prefix>_hd95_...``)."""
     per_class = {str(c): [v[str(c)] for v in per_case.values()] for c in CLASSES}
     means = {c: float(np.mean([d for d in values if d is not None])) if any(d is not None for d in values) else None
              for c, values in per_class.items()}
-    return {"validation_hd95_mean": float(np.mean(list(means.values()))) if None not in means.values() else None,
-            "validation_hd95_per_class": means,
-            "validation_hd95_undefined": {c: sum(d is None for d in values) for c, values in per_class.items()},
-            "validation_hd95_per_case": per_case}
+    return {f"{prefix}_hd95_mean": float(np.mean(list(means.values()))) if None not in means.values() else None,
+            f"{prefix}_hd95_per_class": means,
+            f"{prefix}_hd95_undefined": {c: sum(d is None for d in values) for c, values in per_class.items()},
+            f"{prefix}_hd95_per_case": per_case}
 
 
-def validation_hd95(fold_folder: str, labels: str) -> dict:
-    """``hd95_summary`` of nnU-Net's final validation, where MONAI is installed (the benchmark extra)."""
+def keep_largest_components(predictions: str, out: str) -> str:
+    """Each label map of ``predictions`` with only the largest component of each class, in ``out``: nnU-Net's
+    ``remove_all_but_largest_component_from_segmentation`` (the step ``nnUNetv2_determine_postprocessing`` may choose
+    per class), here applied to every class of every arm alike, so nothing is tuned."""
+    import SimpleITK as sitk
+    from nnunetv2.postprocessing.remove_connected_components import \
+        remove_all_but_largest_component_from_segmentation
+    shutil.rmtree(out, ignore_errors=True)
+    maybe_mkdir_p(out)
+    for f in sorted(f for f in os.listdir(predictions) if f.endswith(".nii.gz")):
+        image = sitk.ReadImage(join(predictions, f))
+        array = sitk.GetArrayFromImage(image)
+        for c in CLASSES:
+            array = remove_all_but_largest_component_from_segmentation(array, [c])
+        kept = sitk.GetImageFromArray(array)
+        kept.CopyInformation(image)
+        sitk.WriteImage(kept, join(out, f))
+    return out
+
+
+def extra_metrics(fold_folder: str, labels: str, work: str) -> dict:
+    """Beside nnU-Net's evaluation of the final validation: its HD95 (``validation_hd95_...``), and Dice, IoU and HD95
+    once each class keeps only its largest component (``largest_component_...``), where MONAI is installed (the
+    benchmark extra). The post-processed maps go to ``work`` and are removed after."""
     try:
         import monai  # noqa: F401
     except ImportError:
-        print("HD95 not computed: MONAI is not installed (pip install monai)", flush=True)
+        print("HD95 and the largest-component metrics not computed: MONAI is not installed (pip install monai)",
+              flush=True)
         return {}
-    return hd95_summary(hd95_per_case(join(fold_folder, "validation"), labels))
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    validation = join(fold_folder, "validation")
+    metrics = hd95_summary(hd95_per_case(validation, labels))
+    kept = keep_largest_components(validation, work)
+    compute_metrics_on_folder(labels, kept, join(kept, "summary.json"), SimpleITKIO(), ".nii.gz", CLASSES,
+                              num_processes=2)
+    metrics.update(summary_metrics(join(kept, "summary.json"), LARGEST_COMPONENT))
+    metrics.update(hd95_summary(hd95_per_case(kept, labels), LARGEST_COMPONENT))
+    shutil.rmtree(kept, ignore_errors=True)
+    return metrics
 
 
 def pseudo_label_quality(env: dict, raw: str, target_raw: str, work: str, name: str) -> dict:
@@ -513,7 +552,7 @@ def run(args) -> dict:
               "test_images": os.path.abspath(test_images), "date": time.strftime("%Y-%m-%d"),
               "environment": started["environment"], "code": code_version(), "command": reproduce_command(args)}
     result.update(validation_metrics(fold_dir))
-    result.update(validation_hd95(fold_dir, join(raw, "labelsTr")))
+    result.update(extra_metrics(fold_dir, join(raw, "labelsTr"), join(work, f"largest_component_{name}")))
     if earlier is not None:
         result["resumed_at_epoch"] = earlier["epoch"]
     if trainer == "BenchBCP":
@@ -561,10 +600,10 @@ def protocol(args):
 
 
 # ------------------------------------------------------------------------------------------------------- tables
-def volume_means(row: dict) -> dict:
+def volume_means(row: dict, prefix: str = "validation") -> dict:
     """Per validation volume: the mean Dice over RV, MYO and LV."""
     return {case: float(np.mean([m[str(c)]["Dice"] for c in CLASSES])) for case, m in
-            row["validation_per_case"].items()}
+            row[f"{prefix}_per_case"].items()}
 
 
 ARM_LABELS = {"labeled": "L", "labeled_continue": "(a) L continued as nnU-Net",
@@ -573,91 +612,115 @@ ARM_LABELS = {"labeled": "L", "labeled_continue": "(a) L continued as nnU-Net",
               "bcp": "(d) `-tr nnUNetTrainerBCP` from scratch", "ceiling": "(e) nnU-Net, all 70 patients labeled"}
 
 
+def paired_cells(row: dict, by_arm: dict, prefix: str) -> list:
+    """``row`` against (a) and against (c) of the same start model (or, from scratch, of the same total iterations):
+    the Dice difference per volume [95% CI], better in, and where both have it the HD95 difference."""
+    cells = []
+    for other in ("labeled_continue", "pseudo_continue"):
+        partner = [o for o in by_arm.get(other, []) if row["arm"] != other and o.get("from_checkpoint")
+                   and (row.get("from_checkpoint") == o["from_checkpoint"]
+                        or row["iterations"] == o["iterations"] + (o["from_iterations"] or 0))]
+        if not partner or f"{prefix}_per_case" not in partner[-1] or f"{prefix}_per_case" not in row:
+            cells.append("")
+            continue
+        stats = common.paired_statistics(volume_means(partner[-1], prefix), volume_means(row, prefix))
+        cells.append(f"{stats['mean']:+.4f} [{stats['ci'][0]:+.4f}, {stats['ci'][1]:+.4f}], "
+                     f"{stats['better']}/{stats['n']}" + hd95_difference(partner[-1], row, prefix))
+    return cells
+
+
 def set_table(labeled_set: str, rows: list) -> str:
-    """The arms of one labeled set: the latest row of each run; continuations paired with (a) and (c) of the same L."""
+    """The arms of one labeled set: the latest row of each run; continuations paired with (a) and (c) of the same L.
+    Then, where measured, the same arms once each class keeps only its largest component."""
     latest = {r["run"]: r for r in rows}.values()
     by_arm = {}
     for r in latest:
         by_arm.setdefault(r["arm"], []).append(r)
+    ordered = [r for arm in ARMS for r in sorted(by_arm.get(arm, []), key=lambda r: (r["iterations"], r["run"]))]
     lines = [f"**{labeled_set}** (labeled patients: {', '.join(by_arm.get('labeled', rows)[0]['labeled_patients'])})",
              "", "| arm | iterations | validation Dice mean | RV / MYO / LV | IoU mean | HD95 mean (voxels) | "
              "− (a) per volume [95% CI], better in | − (c) per volume [95% CI] | train time (s/it) | command |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for arm in ARMS:
-        for r in sorted(by_arm.get(arm, []), key=lambda r: (r["iterations"], r["run"])):
-            cells = []
-            for other in ("labeled_continue", "pseudo_continue"):
-                partner = [o for o in by_arm.get(other, []) if r["arm"] != other and o.get("from_checkpoint")
-                           and (r.get("from_checkpoint") == o["from_checkpoint"]
-                                or r["iterations"] == o["iterations"] + (o["from_iterations"] or 0))]
-                if not partner:
-                    cells.append("")
-                    continue
-                stats = common.paired_statistics(volume_means(partner[-1]), volume_means(r))
-                cells.append(f"{stats['mean']:+.4f} [{stats['ci'][0]:+.4f}, {stats['ci'][1]:+.4f}], "
-                             f"{stats['better']}/{stats['n']}" + hd95_difference(partner[-1], r))
-            per_class = " / ".join(f"{r['validation_dice_per_class'][str(c)]:.3f}" for c in CLASSES)
-            lines.append(f"| {ARM_LABELS[arm]} | {r['iterations']} | {r['validation_dice_mean']:.4f} | {per_class} | "
-                         f"{r['validation_iou_mean']:.4f} | {hd95_cell(r)} | {cells[0]} | {cells[1]} | "
-                         f"{r['train_seconds']} ({r['seconds_per_iteration']}, {r['device']}) | `{r['command']}` |")
+    for r in ordered:
+        cells = paired_cells(r, by_arm, "validation")
+        per_class = " / ".join(f"{r['validation_dice_per_class'][str(c)]:.3f}" for c in CLASSES)
+        lines.append(f"| {ARM_LABELS[r['arm']]} | {r['iterations']} | {r['validation_dice_mean']:.4f} | {per_class} | "
+                     f"{r['validation_iou_mean']:.4f} | {hd95_cell(r)} | {cells[0]} | {cells[1]} | "
+                     f"{r['train_seconds']} ({r['seconds_per_iteration']}, {r['device']}) | `{r['command']}` |")
+    kept = [r for r in ordered if f"{LARGEST_COMPONENT}_dice_mean" in r]
+    if kept:
+        lines += ["", f"{labeled_set}, each class's largest component kept (every arm alike, nothing tuned):", "",
+                  "| arm | iterations | Dice mean | RV / MYO / LV | HD95 mean (voxels) | − (a) per volume [95% CI], "
+                  "better in | − (c) per volume [95% CI] |", "|---|---|---|---|---|---|---|"]
+        for r in kept:
+            cells = paired_cells(r, by_arm, LARGEST_COMPONENT)
+            per_class = " / ".join(f"{r[f'{LARGEST_COMPONENT}_dice_per_class'][str(c)]:.3f}" for c in CLASSES)
+            lines.append(f"| {ARM_LABELS[r['arm']]} | {r['iterations']} | {r[f'{LARGEST_COMPONENT}_dice_mean']:.4f} | "
+                         f"{per_class} | {hd95_cell(r, LARGEST_COMPONENT)} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 
 
-def hd95_cell(row: dict) -> str:
+def hd95_cell(row: dict, prefix: str = "validation") -> str:
     """The mean HD95 over the classes, and how many volume-class pairs it leaves out (a class the model missed)."""
-    if row.get("validation_hd95_per_class") is None:
+    if row.get(f"{prefix}_hd95_per_class") is None:
         return ""
-    undefined = sum(row["validation_hd95_undefined"].values())
-    if row["validation_hd95_mean"] is None:
+    undefined = sum(row[f"{prefix}_hd95_undefined"].values())
+    if row[f"{prefix}_hd95_mean"] is None:
         return f"undefined ({undefined} volume-classes missed)"
-    return f"{row['validation_hd95_mean']:.2f}" + (f" ({undefined} volume-classes missed)" if undefined else "")
+    return f"{row[f'{prefix}_hd95_mean']:.2f}" + (f" ({undefined} volume-classes missed)" if undefined else "")
 
 
-def volume_hd95(row: dict) -> dict:
+def volume_hd95(row: dict, prefix: str = "validation") -> dict:
     """Per validation volume where every class is defined: the mean HD95 over RV, MYO and LV."""
-    return {case: float(np.mean(list(d.values()))) for case, d in row.get("validation_hd95_per_case", {}).items()
+    return {case: float(np.mean(list(d.values()))) for case, d in row.get(f"{prefix}_hd95_per_case", {}).items()
             if None not in d.values()}
 
 
-def hd95_difference(baseline: dict, row: dict) -> str:
+def hd95_difference(baseline: dict, row: dict, prefix: str = "validation") -> str:
     """``; HD95 <mean> [95% CI], lower in k/n`` per volume (the volumes both define), or '' without HD95."""
-    before, after = volume_hd95(baseline), volume_hd95(row)
-    if not set(before) & set(after):
+    before, after = volume_hd95(baseline, prefix), volume_hd95(row, prefix)
+    both = set(before) & set(after)
+    if not both:
         return ""
     stats = common.paired_statistics(before, after)
-    lower = sum(after[c] < before[c] for c in set(before) & set(after))
+    lower = sum(after[c] < before[c] for c in both)
     return (f"; HD95 {stats['mean']:+.1f} [{stats['ci'][0]:+.1f}, {stats['ci'][1]:+.1f}], lower in "
             f"{lower}/{stats['n']}")
 
 
-def with_hd95(rows: list, hd95_rows: list) -> list:
-    """Rows with the HD95 computed afterwards for their run (``add-hd95``), where they lack their own."""
-    later = {r["run"]: r for r in hd95_rows}
-    return [{**{k: v for k, v in later.get(r["run"], {}).items() if k.startswith("validation_hd95")}, **r}
-            for r in rows]
+def is_extra_metric(key: str) -> bool:
+    return key.startswith("validation_hd95") or key.startswith(LARGEST_COMPONENT)
 
 
-def add_hd95(args):
-    """HD95 of the kept models' final validation predictions, for result rows that lack it: one line per run in
-    ``--hd95-results``, which ``table`` joins to the rows."""
-    done = {r["run"] for r in common.load_rows(args.hd95_results)}
+def with_extra_metrics(rows: list, extra_rows: list) -> list:
+    """Rows with the metrics ``add-metrics`` computed afterwards for their run, where they lack their own."""
+    later = {r["run"]: r for r in extra_rows}
+    return [{**{k: v for k, v in later.get(r["run"], {}).items() if is_extra_metric(k)}, **r} for r in rows]
+
+
+def add_metrics(args):
+    """``extra_metrics`` of the kept models' final validation predictions, for result rows that lack them: one line
+    per run in ``--extra-results``, which ``table`` joins to the rows."""
+    done = {r["run"] for r in common.load_rows(args.extra_results)}
     labels = join(args.work_dir, "nnUNet_raw", DATASET_NAME, "labelsTr")
     for row in {r["run"]: r for r in common.load_rows(args.results)}.values():
-        if "validation_hd95_per_class" in row or row["run"] in done:
+        if f"{LARGEST_COMPONENT}_dice_mean" in row or row["run"] in done:
             continue
         fold = join(args.work_dir, "models", row["run"], "fold_0")
         if not os.path.isdir(join(fold, "validation")):
             print(f"{row['run']}: its validation predictions are not in {fold}: skipped", flush=True)
             continue
-        hd95 = validation_hd95(fold, labels)
-        if not hd95:
-            raise SystemExit("add-hd95 needs MONAI: pip install monai")
-        common.append_row(args.hd95_results, {"run": row["run"], **hd95, "code": code_version()})
-        print(f"{row['run']}: HD95 {hd95_cell(hd95)}", flush=True)
+        metrics = extra_metrics(fold, labels, join(args.work_dir, f"largest_component_{row['run']}"))
+        if not metrics:
+            raise SystemExit("add-metrics needs MONAI: pip install monai")
+        common.append_row(args.extra_results, {"run": row["run"], **metrics, "code": code_version()})
+        print(f"{row['run']}: HD95 {hd95_cell(metrics)}; largest component kept: Dice "
+              f"{metrics[f'{LARGEST_COMPONENT}_dice_mean']:.4f}, HD95 {hd95_cell(metrics, LARGEST_COMPONENT)}",
+              flush=True)
 
 
 def table(args):
-    rows = with_hd95(common.load_rows(args.results), common.load_rows(args.hd95_results))
+    rows = with_extra_metrics(common.load_rows(args.results), common.load_rows(args.extra_results))
     sets = []
     for r in rows:
         if r["labeled_set"] not in sets and r["labeled_set"] is not None:
@@ -733,7 +796,8 @@ def main():
     o.add_argument("--jobs", type=int, default=1, help="runs at once after L [1]")
     o.add_argument("--dry-run", action="store_true")
     t = sub.add_parser("table")
-    h = sub.add_parser("add-hd95", help="HD95 of kept models' validation predictions, for rows without it")
+    h = sub.add_parser("add-metrics", help="HD95 and the largest-component metrics of kept models' validation "
+                                            "predictions, for rows without them")
     t.add_argument("--docs", default=DOCS)
     v = sub.add_parser("curve")
     v.add_argument("--run", required=True, help="a kept run, e.g. labeled_paper3_it1000")
@@ -747,7 +811,7 @@ def main():
         q.add_argument("--results", default=RESULTS)
         q.add_argument("--predictions", default=TEST_PREDICTIONS, help="where the test label maps are copied")
     for q in (t, h):
-        q.add_argument("--hd95-results", default=HD95_RESULTS)
+        q.add_argument("--extra-results", default=EXTRA_RESULTS)
     for q in (r, o):
         q.add_argument("--iterations-per-epoch", type=int, default=common.DEFAULT_ITERATIONS_PER_EPOCH)
         q.add_argument("--device", default="cpu")
@@ -757,7 +821,7 @@ def main():
     if hasattr(args, "work_dir"):
         args.work_dir = os.path.abspath(args.work_dir)
     {"prepare": prepare, "compact": compact, "run": run, "protocol": protocol, "table": table, "curve": curve,
-     "score": score, "add-hd95": add_hd95}[args.command](args)
+     "score": score, "add-metrics": add_metrics}[args.command](args)
 
 
 if __name__ == "__main__":

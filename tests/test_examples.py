@@ -697,7 +697,7 @@ def test_acdc_benchmark_table_pairs_the_arms_that_started_from_the_same_model(tm
     results, docs = tmp_path / "acdc.jsonl", tmp_path / "benchmarks.md"
     results.write_text("".join(json.dumps(r) + "\n" for r in rows))
     docs.write_text("# Benchmarks\n")
-    acdc.table(argparse.Namespace(results=str(results), docs=str(docs), hd95_results=str(tmp_path / "none.jsonl")))
+    acdc.table(argparse.Namespace(results=str(results), docs=str(docs), extra_results=str(tmp_path / "none.jsonl")))
     text = docs.read_text()
     assert text.startswith("# Benchmarks\n") and acdc.TABLE_START in text
     bcp = [line for line in text.splitlines() if line.startswith("| (b)")]
@@ -705,21 +705,23 @@ def test_acdc_benchmark_table_pairs_the_arms_that_started_from_the_same_model(tm
     assert "| 500 | 0.9000 |" in bcp[1] and "+0." not in bcp[1]
 
 
-def test_acdc_hd95_in_voxels_per_volume_and_class_joined_to_the_table_rows_without_it(tmp_path):
+def _write_label_map(folder, name, array, spacing):
     import SimpleITK as sitk
+    folder.mkdir(parents=True, exist_ok=True)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    sitk.WriteImage(image, str(folder / name))
+
+
+def test_acdc_hd95_in_voxels_per_volume_and_class(tmp_path):
     acdc = _load("benchmark_acdc")
-    predictions, labels = tmp_path / "pred", tmp_path / "labels"
-    predictions.mkdir()
-    labels.mkdir()
     reference, predicted = np.zeros((4, 20, 20), np.uint8), np.zeros((4, 20, 20), np.uint8)
     reference[:, 2:18, 5], predicted[:, 2:18, 8] = 1, 1  # RV: a plane, predicted 3 voxels off (the spacing ignored)
     reference[1:3, 12:16, 12:16] = predicted[1:3, 12:16, 12:16] = 2  # MYO: exact
     reference[1:3, 2:4, 14:16] = 3  # LV: missed by the prediction
-    for folder, array in ((labels, reference), (predictions, predicted)):
-        image = sitk.GetImageFromArray(array)
-        image.SetSpacing(acdc.NOMINAL_SPACING)
-        sitk.WriteImage(image, str(folder / "patient001_frame01.nii.gz"))
-    per_case = acdc.hd95_per_case(str(predictions), str(labels))
+    _write_label_map(tmp_path / "labels", "patient001_frame01.nii.gz", reference, acdc.NOMINAL_SPACING)
+    _write_label_map(tmp_path / "pred", "patient001_frame01.nii.gz", predicted, acdc.NOMINAL_SPACING)
+    per_case = acdc.hd95_per_case(str(tmp_path / "pred"), str(tmp_path / "labels"))
     assert per_case == {"patient001_frame01": {"1": 3.0, "2": 0.0, "3": None}}
     summary = acdc.hd95_summary(per_case)
     assert summary["validation_hd95_per_class"] == {"1": 3.0, "2": 0.0, "3": None}
@@ -729,15 +731,47 @@ def test_acdc_hd95_in_voxels_per_volume_and_class_joined_to_the_table_rows_witho
     assert defined["validation_hd95_mean"] == pytest.approx(7 / 3) and acdc.hd95_cell(defined) == \
         "2.33 (1 volume-classes missed)"
 
-    rows = [_acdc_row(acdc, "labeled", 1000, 0.5), _acdc_row(acdc, "labeled_continue", 300, 0.6, "L1")]
-    results, later, docs = tmp_path / "acdc.jsonl", tmp_path / "acdc_hd95.jsonl", tmp_path / "benchmarks.md"
+
+def test_acdc_metrics_with_each_class_largest_component_kept_join_rows_written_without_them(tmp_path):
+    acdc = _load("benchmark_acdc")
+    reference = np.zeros((4, 24, 24), np.uint8)
+    reference[1:3, 4:10, 4:10], reference[1:3, 12:18, 4:10], reference[1:3, 4:10, 12:18] = 1, 2, 3
+    predicted = reference.copy()
+    predicted[3, 20:22, 20:22] = 1  # a stray RV blob far from the heart
+    fold = tmp_path / "fold_0"
+    for case in ("patient001_frame01", "patient001_frame02"):
+        _write_label_map(tmp_path / "labels", f"{case}.nii.gz", reference, acdc.NOMINAL_SPACING)
+        _write_label_map(fold / "validation", f"{case}.nii.gz", predicted, acdc.NOMINAL_SPACING)
+    kept = acdc.keep_largest_components(str(fold / "validation"), str(tmp_path / "kept"))
+    import SimpleITK as sitk
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(join(kept, "patient001_frame01.nii.gz"))), reference)
+    metrics = acdc.extra_metrics(str(fold), str(tmp_path / "labels"), str(tmp_path / "work"))
+    assert not (tmp_path / "work").exists()  # the post-processed maps are not kept
+    assert metrics["validation_hd95_per_class"]["1"] > 0 and metrics["validation_hd95_per_class"]["2"] == 0
+    assert metrics["largest_component_dice_mean"] == 1.0 and metrics["largest_component_hd95_mean"] == 0.0
+    assert set(metrics["largest_component_per_case"]) == {"patient001_frame01", "patient001_frame02"}
+
+    rows = [_acdc_row(acdc, "labeled", 1000, 0.5), _acdc_row(acdc, "labeled_continue", 300, 0.6, "L1"),
+            _acdc_row(acdc, "bcp_continue", 300, 0.7, "L1")]
+    per_case = {case: {str(c): {"Dice": value, "IoU": value} for c in acdc.CLASSES}
+                for case, value in zip(rows[1]["validation_per_case"], (0.5, 0.6, 0.7, 0.8, 0.9))}
+    hd95 = acdc.hd95_summary({case: {str(c): 10.0 for c in acdc.CLASSES} for case in per_case})
+    later = [{"run": r["run"], **hd95, **acdc.hd95_summary(hd95["validation_hd95_per_case"], "largest_component"),
+              "largest_component_dice_mean": 0.7 + 0.1 * i, "largest_component_dice_per_class": {"1": 0, "2": 0, "3": 0},
+              "largest_component_per_case": {case: {str(c): {"Dice": v["1"]["Dice"] + 0.1 * i} for c in acdc.CLASSES}
+                                             for case, v in per_case.items()}}
+             for i, r in enumerate(rows[1:])]
+    results, extra, docs = tmp_path / "acdc.jsonl", tmp_path / "acdc_extra.jsonl", tmp_path / "benchmarks.md"
     results.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    later.write_text(json.dumps({"run": rows[1]["run"], **defined, "code": "x"}) + "\n")
+    extra.write_text("".join(json.dumps(r) + "\n" for r in later))
     docs.write_text("# Benchmarks\n")
-    acdc.table(argparse.Namespace(results=str(results), docs=str(docs), hd95_results=str(later)))
+    acdc.table(argparse.Namespace(results=str(results), docs=str(docs), extra_results=str(extra)))
     table = docs.read_text().splitlines()
-    assert "| 2.33 (1 volume-classes missed) |" in next(line for line in table if line.startswith("| (a)"))
+    a_rows = [line for line in table if line.startswith("| (a)")]
+    assert "| 10.00 |" in a_rows[0] and "| 0.7000 |" in a_rows[1]  # HD95 as measured, then the second table
     assert "| 0.5000 |  | " in next(line for line in table if line.startswith("| L"))  # L: no HD95, an empty cell
+    b_kept = [line for line in table if line.startswith("| (b)")][1]
+    assert "| 0.8000 |" in b_kept and "+0.1000 [+0.1000, +0.1000], 5/5; HD95 +0.0" in b_kept
 
 
 def test_the_benchmarks_plugin_defaults_are_the_trainers_own(synthetic_3d):
