@@ -12,6 +12,8 @@ offline pseudo-labels, on the paper's labeled patients.
     # paired tables (validation patients; test predictions are only written, never scored here), L's curve
     python examples/benchmark_acdc.py table
     python examples/benchmark_acdc.py curve -w bench_acdc --run labeled_paper3_it1000
+    # HD95 and the largest-component metrics of kept models whose rows lack them (needs MONAI: pip install monai)
+    python examples/benchmark_acdc.py add-metrics -w bench_acdc
 
 Data. ``train.list``'s 70 patients are fold 0's training cases and ``val.list``'s 10 patients its validation cases
 (``splits_final.json``), both frames (ED, ES) of a patient always on the same side. Labeled sets (``LABELED_SETS``):
@@ -29,7 +31,8 @@ Arms (every continuation starts from all weights of the same labeled-only model 
 labeled + pseudo-labeled patients); ``bcp`` (d) = ``nnUNetTrainerBCP`` from scratch with the plugin's defaults, for the
 iterations of L + (b); ``ceiling`` (e) = nnU-Net on all 70 training patients for the iterations of L + (a). Metrics:
 nnU-Net's evaluation (Dice, IoU) of each final checkpoint on the 20 validation volumes, per class (RV, MYO, LV) and
-per volume; ``table`` pairs each arm with (a) and (c) per volume (bootstrap interval, Wilcoxon).
+per volume; HD95 in voxels (MONAI); the same once each class keeps its largest component (every arm alike);
+``table`` pairs each arm with (a) and (c) per volume (bootstrap interval, Wilcoxon).
 """
 import argparse
 import json
