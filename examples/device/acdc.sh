@@ -18,7 +18,9 @@
 #          --budget 585 -- bash examples/device/acdc.sh", carry=[".device/acdc"], timeout_s=600)
 #      (write the commit into the command: the device copy has no git history)
 #   Then here: append $OUT/acdc.jsonl to examples/results/acdc.jsonl, copy $OUT/acdc_test_predictions/* to
-#   examples/results/acdc_test_predictions/, run `python examples/benchmark_acdc.py table`.
+#   examples/results/acdc_test_predictions/, unpack $OUT/validation_predictions.tar.gz into a prepared work dir
+#   (bench_acdc), run `python examples/benchmark_acdc.py add-metrics -w bench_acdc` (HD95 and the largest-component
+#   metrics: MONAI does not travel) and `python examples/benchmark_acdc.py table`.
 # BUDGET (not measured: no ACDC run on a GPU yet): preparing ~1-2 min on 16 cores; the Hippocampus L (1000 its,
 # 3 at once) took ~150 s and its continuations 150-320 s at 6-9 at once. A call stopped by its limit, run again on the
 # warm machine, resumes: finished runs are skipped, a stopped one goes on from its latest checkpoint.
@@ -54,6 +56,9 @@ done
 [ -n "${DRY_RUN:-}" ] && exit 0
 finish() {
     [ -d "$WORK" ] && (cd "$WORK" && tar czf "$OUT/run_logs.tar.gz" $(ls *.log *.out 2>/dev/null) 2>/dev/null)
+    # the final validation label maps of every finished run (about 1 MB), for add-metrics here (no MONAI there)
+    [ -d "$WORK/models" ] && (cd "$WORK" && tar czf "$OUT/validation_predictions.tar.gz" \
+        models/*/fold_0/validation/*.nii.gz 2>/dev/null)
     [ -s "$OUT/acdc.jsonl" ] && "$PYTHON" -c "
 import json, sys
 for line in open(sys.argv[1]):
