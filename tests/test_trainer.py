@@ -282,6 +282,39 @@ def test_where_nnunet_compiles_the_student_the_teacher_is_compiled_too(synthetic
     assert not [k for k in trainer.bcp_state()["teacher_weights"] if "_orig_mod" in k]
 
 
+def test_a_loss_bcp_cannot_mirror_is_refused_naming_the_hook_that_replaces_it(synthetic_3d):
+    """A trainer variant whose nnU-Net loss smooths its labels: BCPLoss would drop that, so initialize refuses and
+    names the hook; overriding the hook (as nnU-Net's ``_build_loss``) is the way, and its loss is the one used."""
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+    from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+    from nnunetv2_bcp import nnUNetTrainerBCP
+    from nnunetv2_bcp.bcp import BCPLoss
+
+    class SmoothedLabels(nnUNetTrainerBCP):
+        def _build_loss(self):
+            loss = DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False},
+                                  {"label_smoothing": 0.1}, dice_class=MemoryEfficientSoftDiceLoss)
+            return DeepSupervisionWrapper(loss, [1.0] + [0.5 ** i for i in range(1, 4)])
+
+    class OwnBCPLoss(SmoothedLabels):
+        def _build_bcp_loss(self):
+            loss = BCPLoss(MemoryEfficientSoftDiceLoss(apply_nonlin=lambda x: torch.softmax(x, 1), do_bg=False))
+            return DeepSupervisionWrapper(loss, self.loss.weight_factors)
+
+    plans = load_json(join(synthetic_3d["preprocessed"], "nnUNetPlans.json"))
+    dataset_json = load_json(join(synthetic_3d["preprocessed"], "dataset.json"))
+    refused = SmoothedLabels(dict(plans, continue_training=False), "3d_fullres", 0, dataset_json, torch.device("cpu"))
+    with pytest.raises(ValueError, match="label smoothing.*override _build_bcp_loss"):
+        refused.initialize()
+    trainer = OwnBCPLoss(dict(plans, continue_training=False), "3d_fullres", 0, dataset_json, torch.device("cpu"))
+    trainer.initialize()
+    assert isinstance(trainer.bcp_loss.loss, BCPLoss) and trainer.bcp_loss.loss.dice_loss.do_bg is False
+    trainer.current_epoch = trainer.pretrain_epochs()
+    trainer.begin_stage_two()
+    assert np.isfinite(trainer.stage_two_step(*_batches(trainer, 0))["loss"])
+
+
 def test_an_eager_student_has_an_eager_teacher(trainer):
     assert trainer.teacher_forward is trainer.teacher
 

@@ -142,7 +142,14 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
         # where nnU-Net compiles the student (nnUNet_compile on CUDA), an eager teacher would launch its forward pass
         # kernel by kernel; the compiled wrapper shares the teacher's tensors, so the EMA and checkpoints see one module
         self.teacher_forward = torch.compile(self.teacher) if is_compiled(self.network) else self.teacher
-        self.bcp_loss = BCPLoss.like_nnunet_loss(self.loss)
+        self.bcp_loss = self._build_bcp_loss()
+
+    def _build_bcp_loss(self) -> torch.nn.Module:
+        """The stage-2 loss, built like nnU-Net's ``_build_loss`` and overridable the same way: by default
+        :class:`BCPLoss` with ``self.loss``'s Dice module, CE weighting and deep-supervision weights. An override
+        returns a module called as ``BCPLoss`` is (inside nnU-Net's ``DeepSupervisionWrapper`` where deep supervision
+        is on) that returns ``stack([L_labeled, L_unlabeled])``."""
+        return BCPLoss.like_nnunet_loss(self.loss)
 
     def bcp_box_stride(self) -> tuple:
         """Coarsest deep-supervision downsampling per axis: boxes on this grid are exact at every scale."""
