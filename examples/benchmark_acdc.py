@@ -650,6 +650,7 @@ def set_table(labeled_set: str, rows: list) -> str:
         lines.append(f"| {ARM_LABELS[r['arm']]} | {r['iterations']} | {r['validation_dice_mean']:.4f} | {per_class} | "
                      f"{r['validation_iou_mean']:.4f} | {hd95_cell(r)} | {cells[0]} | {cells[1]} | "
                      f"{r['train_seconds']} ({r['seconds_per_iteration']}, {r['device']}) | `{r['command']}` |")
+    lines += one_command_against_two(by_arm)
     kept = [r for r in ordered if f"{LARGEST_COMPONENT}_dice_mean" in r]
     if kept:
         lines += ["", f"{labeled_set}, each class's largest component kept (every arm alike, nothing tuned):", "",
@@ -661,6 +662,21 @@ def set_table(labeled_set: str, rows: list) -> str:
             lines.append(f"| {ARM_LABELS[r['arm']]} | {r['iterations']} | {r[f'{LARGEST_COMPONENT}_dice_mean']:.4f} | "
                          f"{per_class} | {hd95_cell(r, LARGEST_COMPONENT)} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
+
+
+def one_command_against_two(by_arm: dict) -> list:
+    """(d) against (b) of the same total iterations (L's and (b)'s), per volume: the one command against the
+    two-command recipe it replaces."""
+    lines = []
+    for d in by_arm.get("bcp", []):
+        for b in by_arm.get("bcp_continue", []):
+            if d["iterations"] == b["iterations"] + (b["from_iterations"] or 0):
+                stats = common.paired_statistics(volume_means(b), volume_means(d))
+                lines += ["", f"(d) − (b), the one command against the two-command recipe at {d['iterations']} "
+                              f"iterations in all, per volume: {stats['mean']:+.4f} [{stats['ci'][0]:+.4f}, "
+                              f"{stats['ci'][1]:+.4f}], better in {stats['better']}/{stats['n']} (Wilcoxon p = "
+                              f"{stats['p']:.2g}){hd95_difference(b, d)}."]
+    return lines
 
 
 def hd95_cell(row: dict, prefix: str = "validation") -> str:
