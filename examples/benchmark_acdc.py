@@ -56,7 +56,7 @@ CLASSES = [1, 2, 3]
 NOMINAL_SPACING = (1.5625, 1.5625, 10.0)  # (x, y, z) mm: the h5 files keep none
 PAPER_LABELED_PATIENTS = 7  # the first patients of train_slices.list: the paper's 10 % set; its first 3 are the 5 %
 RESULTS = join(HERE, "results", "acdc.jsonl")
-# HD95 and the largest-component metrics of rows written before the benchmark computed them (``add-metrics``)
+# HD95 and the largest-component metrics of rows without these fields (``add-metrics``), one line per training
 EXTRA_RESULTS = join(HERE, "results", "acdc_extra_metrics.jsonl")
 LARGEST_COMPONENT = "largest_component"  # the prefix of the metrics after keeping each class's largest component
 TEST_PREDICTIONS = join(HERE, "results", "acdc_test_predictions")
@@ -331,9 +331,10 @@ def validation_metrics(fold_folder: str) -> dict:
 
 def hd95_per_case(predictions: str, labels: str) -> dict:
     """HD95 per volume and class, in voxels (the spacing is nominal; the paper's evaluation measures in voxels too):
-    MONAI's ``compute_hausdorff_distance`` (95th percentile of the surface distances, the larger of both directions)
-    for every label map in ``predictions`` against its namesake in ``labels``. ``None`` where the prediction or the
-    reference lacks the class (the paper's evaluation code scores a class missing from the prediction as 0)."""
+    MONAI's ``compute_hausdorff_distance``, the larger of the two directed 95th percentiles of the surface distances
+    (the paper's medpy ``hd95`` takes one percentile of both directions pooled, which is never larger), for every label
+    map in ``predictions`` against its namesake in ``labels``. ``None`` where the prediction or the reference lacks the
+    class (the paper's evaluation code scores a class missing from the prediction as 0)."""
     import warnings
     import SimpleITK as sitk
     import torch
@@ -355,8 +356,8 @@ def hd95_per_case(predictions: str, labels: str) -> dict:
 
 
 def hd95_summary(per_case: dict, prefix: str = "validation") -> dict:
-    """Per class the mean HD95 over the volumes where it is defined and the number where it is not (a class missing
-    from the prediction); their mean over the classes (``<prefix>_hd95_...``)."""
+    """Per class the mean HD95 over the volumes where it is defined and the number where it is not (the class missing
+    from the prediction or the reference); their mean over the classes (``<prefix>_hd95_...``)."""
     per_class = {str(c): [v[str(c)] for v in per_case.values()] for c in CLASSES}
     means = {c: float(np.mean([d for d in values if d is not None])) if any(d is not None for d in values) else None
              for c, values in per_class.items()}
@@ -368,21 +369,18 @@ def hd95_summary(per_case: dict, prefix: str = "validation") -> dict:
 
 def keep_largest_components(predictions: str, out: str) -> str:
     """Each label map of ``predictions`` with only the largest component of each class, in ``out``: nnU-Net's
-    ``remove_all_but_largest_component_from_segmentation`` (the step ``nnUNetv2_determine_postprocessing`` may choose
-    per class), here applied to every class of every arm alike, so nothing is tuned."""
-    import SimpleITK as sitk
-    from nnunetv2.postprocessing.remove_connected_components import \
-        remove_all_but_largest_component_from_segmentation
+    ``remove_all_but_largest_component_from_segmentation`` once per class (the step that
+    ``nnUNetv2_determine_postprocessing`` may choose per class), applied to every class of every arm alike, so nothing
+    is tuned."""
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunetv2.postprocessing.remove_connected_components import (
+        load_postprocess_save, remove_all_but_largest_component_from_segmentation)
     shutil.rmtree(out, ignore_errors=True)
     maybe_mkdir_p(out)
     for f in sorted(f for f in os.listdir(predictions) if f.endswith(".nii.gz")):
-        image = sitk.ReadImage(join(predictions, f))
-        array = sitk.GetArrayFromImage(image)
-        for c in CLASSES:
-            array = remove_all_but_largest_component_from_segmentation(array, [c])
-        kept = sitk.GetImageFromArray(array)
-        kept.CopyInformation(image)
-        sitk.WriteImage(kept, join(out, f))
+        load_postprocess_save(join(predictions, f), join(out, f), SimpleITKIO(),
+                              [remove_all_but_largest_component_from_segmentation] * len(CLASSES),
+                              [{"labels_or_regions": c} for c in CLASSES])
     return out
 
 
@@ -555,7 +553,10 @@ def run(args) -> dict:
               "test_images": os.path.abspath(test_images), "date": time.strftime("%Y-%m-%d"),
               "environment": started["environment"], "code": code_version(), "command": reproduce_command(args)}
     result.update(validation_metrics(fold_dir))
-    result.update(extra_metrics(fold_dir, join(raw, "labelsTr"), join(work, f"largest_component_{name}")))
+    try:  # optional figures: a failure here must not lose the trained run (add-metrics can compute them later)
+        result.update(extra_metrics(fold_dir, join(raw, "labelsTr"), join(work, f"largest_component_{name}")))
+    except Exception as error:  # noqa: BLE001
+        print(f"{name}: HD95 and the largest-component metrics failed ({error!r}); run add-metrics later", flush=True)
     if earlier is not None:
         result["resumed_at_epoch"] = earlier["epoch"]
     if trainer == "BenchBCP":
@@ -622,7 +623,8 @@ def paired_cells(row: dict, by_arm: dict, prefix: str) -> list:
     for other in ("labeled_continue", "pseudo_continue"):
         partner = [o for o in by_arm.get(other, []) if row["arm"] != other and o.get("from_checkpoint")
                    and (row.get("from_checkpoint") == o["from_checkpoint"]
-                        or row["iterations"] == o["iterations"] + (o["from_iterations"] or 0))]
+                        or not row.get("from_checkpoint")
+                        and row["iterations"] == o["iterations"] + (o["from_iterations"] or 0))]
         if not partner or f"{prefix}_per_case" not in partner[-1] or f"{prefix}_per_case" not in row:
             cells.append("")
             continue
@@ -680,13 +682,14 @@ def one_command_against_two(by_arm: dict) -> list:
 
 
 def hd95_cell(row: dict, prefix: str = "validation") -> str:
-    """The mean HD95 over the classes, and how many volume-class pairs it leaves out (a class the model missed)."""
+    """The mean HD95 over the classes, and how many volume-class pairs it leaves out (the class missing from the
+    prediction or the reference: on ACDC's validation volumes, a class the model missed)."""
     if row.get(f"{prefix}_hd95_per_class") is None:
         return ""
     undefined = sum(row[f"{prefix}_hd95_undefined"].values())
     if row[f"{prefix}_hd95_mean"] is None:
-        return f"undefined ({undefined} volume-classes missed)"
-    return f"{row[f'{prefix}_hd95_mean']:.2f}" + (f" ({undefined} volume-classes missed)" if undefined else "")
+        return f"undefined ({undefined} volume-classes without it)"
+    return f"{row[f'{prefix}_hd95_mean']:.2f}" + (f" ({undefined} volume-classes without it)" if undefined else "")
 
 
 def volume_hd95(row: dict, prefix: str = "validation") -> dict:
@@ -711,28 +714,39 @@ def is_extra_metric(key: str) -> bool:
     return key.startswith("validation_hd95") or key.startswith(LARGEST_COMPONENT)
 
 
+def fingerprint(row: dict) -> dict:
+    """What tells one training of a run name from another (a retrained run keeps its name)."""
+    return {"date": row.get("date"), "validation_dice_mean": row["validation_dice_mean"]}
+
+
 def with_extra_metrics(rows: list, extra_rows: list) -> list:
-    """Rows with the metrics ``add-metrics`` computed afterwards for their run, where they lack their own."""
-    later = {r["run"]: r for r in extra_rows}
-    return [{**{k: v for k, v in later.get(r["run"], {}).items() if is_extra_metric(k)}, **r} for r in rows]
+    """Rows with the metrics ``add-metrics`` computed afterwards for that training of their run, where they lack
+    their own."""
+    later = {(r["run"], json.dumps(r["of"])): r for r in extra_rows}
+    return [{**{k: v for k, v in later.get((r["run"], json.dumps(fingerprint(r))), {}).items()
+                if is_extra_metric(k)}, **r} for r in rows]
 
 
 def add_metrics(args):
     """``extra_metrics`` of the kept models' final validation predictions, for result rows that lack them: one line
     per run in ``--extra-results``, which ``table`` joins to the rows."""
-    done = {r["run"] for r in common.load_rows(args.extra_results)}
+    done = {(r["run"], json.dumps(r["of"])) for r in common.load_rows(args.extra_results)}
     labels = join(args.work_dir, "nnUNet_raw", DATASET_NAME, "labelsTr")
     for row in {r["run"]: r for r in common.load_rows(args.results)}.values():
-        if f"{LARGEST_COMPONENT}_dice_mean" in row or row["run"] in done:
+        if f"{LARGEST_COMPONENT}_dice_mean" in row or (row["run"], json.dumps(fingerprint(row))) in done:
             continue
         fold = join(args.work_dir, "models", row["run"], "fold_0")
-        if not os.path.isdir(join(fold, "validation")):
-            print(f"{row['run']}: its validation predictions are not in {fold}: skipped", flush=True)
+        found = [f for f in os.listdir(join(fold, "validation")) if f.endswith(".nii.gz")] \
+            if os.path.isdir(join(fold, "validation")) else []
+        if sorted(f[:-len(".nii.gz")] for f in found) != sorted(row["validation_per_case"]):
+            print(f"{row['run']}: {join(fold, 'validation')} does not hold the {row['validation_num_cases']} "
+                  f"validation label maps its row was scored on ({len(found)} found): skipped", flush=True)
             continue
         metrics = extra_metrics(fold, labels, join(args.work_dir, f"largest_component_{row['run']}"))
         if not metrics:
             raise SystemExit("add-metrics needs MONAI: pip install monai")
-        common.append_row(args.extra_results, {"run": row["run"], **metrics, "code": code_version()})
+        common.append_row(args.extra_results, {"run": row["run"], "of": fingerprint(row), **metrics,
+                                               "code": code_version()})
         print(f"{row['run']}: HD95 {hd95_cell(metrics)}; largest component kept: Dice "
               f"{metrics[f'{LARGEST_COMPONENT}_dice_mean']:.4f}, HD95 {hd95_cell(metrics, LARGEST_COMPONENT)}",
               flush=True)

@@ -103,7 +103,8 @@ def test_shared_submodules_are_updated_once():
 
 
 def test_the_update_is_one_operator_whatever_the_number_of_tensors():
-    """On a GPU each dispatched operator costs a launch or at least host time; a per-tensor detach cost 2 per tensor."""
+    """On a GPU each dispatched operator costs a launch or at least host time: the update is one multi-tensor
+    operator, with nothing dispatched per tensor."""
     from torch.utils._python_dispatch import TorchDispatchMode
     dispatched = []
 

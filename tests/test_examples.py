@@ -731,10 +731,10 @@ def test_acdc_hd95_in_voxels_per_volume_and_class(tmp_path):
     summary = acdc.hd95_summary(per_case)
     assert summary["validation_hd95_per_class"] == {"1": 3.0, "2": 0.0, "3": None}
     assert summary["validation_hd95_mean"] is None and summary["validation_hd95_undefined"] == {"1": 0, "2": 0, "3": 1}
-    assert acdc.hd95_cell(summary) == "undefined (1 volume-classes missed)"
+    assert acdc.hd95_cell(summary) == "undefined (1 volume-classes without it)"
     defined = acdc.hd95_summary({"a": {"1": 2.0, "2": 1.0, "3": 3.0}, "b": {"1": 4.0, "2": None, "3": 3.0}})
     assert defined["validation_hd95_mean"] == pytest.approx(7 / 3) and acdc.hd95_cell(defined) == \
-        "2.33 (1 volume-classes missed)"
+        "2.33 (1 volume-classes without it)"
 
 
 def test_acdc_metrics_with_each_class_largest_component_kept_join_rows_written_without_them(tmp_path):
@@ -761,19 +761,22 @@ def test_acdc_metrics_with_each_class_largest_component_kept_join_rows_written_w
     per_case = {case: {str(c): {"Dice": value, "IoU": value} for c in acdc.CLASSES}
                 for case, value in zip(rows[1]["validation_per_case"], (0.5, 0.6, 0.7, 0.8, 0.9))}
     hd95 = acdc.hd95_summary({case: {str(c): 10.0 for c in acdc.CLASSES} for case in per_case})
-    later = [{"run": r["run"], **hd95, **acdc.hd95_summary(hd95["validation_hd95_per_case"], "largest_component"),
+    later = [{"run": r["run"], "of": acdc.fingerprint(r), **hd95,
+              **acdc.hd95_summary(hd95["validation_hd95_per_case"], "largest_component"),
               "largest_component_dice_mean": 0.7 + 0.1 * i, "largest_component_dice_per_class": {"1": 0, "2": 0, "3": 0},
               "largest_component_per_case": {case: {str(c): {"Dice": v["1"]["Dice"] + 0.1 * i} for c in acdc.CLASSES}
                                              for case, v in per_case.items()}}
              for i, r in enumerate(rows[1:])]
+    retrained = dict(later[0], of=dict(later[0]["of"], validation_dice_mean=0.1), largest_component_dice_mean=0.123)
     results, extra, docs = tmp_path / "acdc.jsonl", tmp_path / "acdc_extra.jsonl", tmp_path / "benchmarks.md"
     results.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    extra.write_text("".join(json.dumps(r) + "\n" for r in later))
+    extra.write_text("".join(json.dumps(r) + "\n" for r in [later[0], retrained, later[1]]))  # of another training
     docs.write_text("# Benchmarks\n")
     acdc.table(argparse.Namespace(results=str(results), docs=str(docs), extra_results=str(extra)))
     table = docs.read_text().splitlines()
     a_rows = [line for line in table if line.startswith("| (a)")]
     assert "| 10.00 |" in a_rows[0] and "| 0.7000 |" in a_rows[1]  # HD95 as measured, then the second table
+    assert "0.1230" not in docs.read_text()  # the metrics of another training of the same run name are not joined
     assert "| 0.5000 |  | " in next(line for line in table if line.startswith("| L"))  # L: no HD95, an empty cell
     b_kept = [line for line in table if line.startswith("| (b)")][1]
     assert "| 0.8000 |" in b_kept and "+0.1000 [+0.1000, +0.1000], 5/5; HD95 +0.0" in b_kept

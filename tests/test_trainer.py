@@ -307,12 +307,19 @@ def test_a_loss_bcp_cannot_mirror_is_refused_naming_the_hook_that_replaces_it(sy
     refused = SmoothedLabels(dict(plans, continue_training=False), "3d_fullres", 0, dataset_json, torch.device("cpu"))
     with pytest.raises(ValueError, match="label smoothing.*override _build_bcp_loss"):
         refused.initialize()
-    trainer = OwnBCPLoss(dict(plans, continue_training=False), "3d_fullres", 0, dataset_json, torch.device("cpu"))
-    trainer.initialize()
-    assert isinstance(trainer.bcp_loss.loss, BCPLoss) and trainer.bcp_loss.loss.dice_loss.do_bg is False
-    trainer.current_epoch = trainer.pretrain_epochs()
-    trainer.begin_stage_two()
-    assert np.isfinite(trainer.stage_two_step(*_batches(trainer, 0))["loss"])
+    class FullResolutionBCPLoss(SmoothedLabels):  # the BCP term at full resolution, nnU-Net's loss deeply supervised
+        def _build_bcp_loss(self):
+            return BCPLoss(MemoryEfficientSoftDiceLoss(apply_nonlin=lambda x: torch.softmax(x, 1), do_bg=False))
+
+    for variant in (OwnBCPLoss, FullResolutionBCPLoss):
+        trainer = variant(dict(plans, continue_training=False), "3d_fullres", 0, dataset_json, torch.device("cpu"))
+        trainer.initialize()
+        own = trainer.bcp_loss.loss if variant is OwnBCPLoss else trainer.bcp_loss
+        assert isinstance(own, BCPLoss) and own.dice_loss.do_bg is False
+        trainer.current_epoch = trainer.pretrain_epochs()
+        trainer.begin_stage_two()
+        assert trainer.bcp_labeled_loss_weight > 0  # the supervised term goes through nnU-Net's (wrapped) loss
+        assert np.isfinite(trainer.stage_two_step(*_batches(trainer, 0))["loss"])
 
 
 def test_an_eager_student_has_an_eager_teacher(trainer):

@@ -489,8 +489,7 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
                 mixed_outputs = _as_list(self.network(mixed))
             mixed_targets = [mix_by_origin(t, downsample_mask(pseudo, t.shape[2:]), m) for t, m in zip(targets, masks)]
             with self._autocast():
-                deep_supervision = isinstance(self.bcp_loss, DeepSupervisionWrapper)
-                if deep_supervision:
+                if isinstance(self.bcp_loss, DeepSupervisionWrapper):
                     terms = self.bcp_loss(mixed_outputs, mixed_targets, masks, [inward] * len(masks))
                 else:
                     terms = self.bcp_loss(mixed_outputs[0], mixed_targets[0], masks[0], inward)
@@ -499,6 +498,7 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
         if supervised:
             with self._autocast():
                 labeled_outputs = _as_list(self.network(labeled))
+                deep_supervision = isinstance(self.loss, DeepSupervisionWrapper)  # nnU-Net's loss, whatever the BCP one
                 supervised_loss = self.bcp_labeled_loss_weight * self.loss(
                     labeled_outputs if deep_supervision else labeled_outputs[0],
                     targets if deep_supervision else targets[0])
