@@ -793,8 +793,8 @@ def score(args):
         folder = join(args.predictions, run)
         output = join(args.work_dir, f"test_score_{run}.json")
         maybe_mkdir_p(args.work_dir)
-        summary = compute_metrics_on_folder(args.labels, folder, output, SimpleITKIO(), ".nii.gz", CLASSES,
-                                            num_processes=2)
+        compute_metrics_on_folder(args.labels, folder, output, SimpleITKIO(), ".nii.gz", CLASSES, num_processes=2)
+        summary = load_json(output)  # the file's class keys are strings (the returned dict's are not)
         per_class = " ".join(f"{summary['mean'][str(c)]['Dice']:.4f}" for c in CLASSES)
         hd95 = ""
         if args.hd95:

@@ -782,6 +782,21 @@ def test_acdc_metrics_with_each_class_largest_component_kept_join_rows_written_w
     assert "| 0.8000 |" in b_kept and "+0.1000 [+0.1000, +0.1000], 5/5; HD95 +0.0" in b_kept
 
 
+def test_acdc_score_rates_every_runs_test_predictions_against_another_label_folder(tmp_path, capsys):
+    acdc = _load("benchmark_acdc")
+    reference = np.zeros((4, 24, 24), np.uint8)
+    reference[1:3, 4:10, 4:10], reference[1:3, 12:18, 4:10], reference[1:3, 4:10, 12:18] = 1, 2, 3
+    shifted = np.roll(reference, 2, axis=2)
+    for folder, array in (("labels", reference), ("predictions/exact", reference), ("predictions/shifted", shifted)):
+        _write_label_map(tmp_path / folder, "patient101_frame01.nii.gz", array, acdc.NOMINAL_SPACING)
+    acdc.score(argparse.Namespace(labels=str(tmp_path / "labels"), predictions=str(tmp_path / "predictions"),
+                                  work_dir=str(tmp_path / "work"), hd95=True))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "exact: mean Dice 1.0000 (RV MYO LV 1.0000 1.0000 1.0000); HD95 (voxels) 0.00"
+    assert lines[1].startswith("shifted: mean Dice 0.6667 ") and lines[1].endswith("HD95 (voxels) 2.00")
+    assert os.path.isfile(tmp_path / "work" / "test_score_shifted.json")
+
+
 def test_the_benchmarks_plugin_defaults_are_the_trainers_own(synthetic_3d):
     """``run --plugin-defaults`` (and ACDC's arms (b), (d)) change the benchmark's PAPER configuration into what
     ``nnUNetTrainerBCP`` trains by default: a default changed in the trainer must change them too."""
