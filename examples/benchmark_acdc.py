@@ -308,6 +308,15 @@ def run_name(arm: str, labeled_set: str, iterations: int, from_iterations: int =
     return name + (f"_from{from_iterations}" if arm in CONTINUE_ARMS else "") + suffix
 
 
+def evaluate_folder(labels: str, predictions: str, output: str) -> dict:
+    """nnU-Net's evaluation (Dice, IoU per class and case) of the label maps in ``predictions``, written to ``output``
+    and read back from it: the file's class keys are strings (those of the dict nnU-Net returns are not)."""
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    compute_metrics_on_folder(labels, predictions, output, SimpleITKIO(), ".nii.gz", CLASSES, num_processes=2)
+    return load_json(output)
+
+
 def summary_metrics(path: str, prefix: str = "validation") -> dict:
     """Dice and IoU per class and per volume from nnU-Net's evaluation (``summary.json``), as ``<prefix>_...``."""
     if not isfile(path):
@@ -394,13 +403,10 @@ def extra_metrics(fold_folder: str, labels: str, work: str) -> dict:
         print("HD95 and the largest-component metrics not computed: MONAI is not installed (pip install monai)",
               flush=True)
         return {}
-    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
-    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     validation = join(fold_folder, "validation")
     metrics = hd95_summary(hd95_per_case(validation, labels))
     kept = keep_largest_components(validation, work)
-    compute_metrics_on_folder(labels, kept, join(kept, "summary.json"), SimpleITKIO(), ".nii.gz", CLASSES,
-                              num_processes=2)
+    evaluate_folder(labels, kept, join(kept, "summary.json"))
     metrics.update(summary_metrics(join(kept, "summary.json"), LARGEST_COMPONENT))
     metrics.update(hd95_summary(hd95_per_case(kept, labels), LARGEST_COMPONENT))
     shutil.rmtree(kept, ignore_errors=True)
@@ -410,17 +416,13 @@ def extra_metrics(fold_folder: str, labels: str, work: str) -> dict:
 def pseudo_label_quality(env: dict, raw: str, target_raw: str, work: str, name: str) -> dict:
     """Dice of the pseudo-labels against the held-back labels of the unlabeled training patients (for choosing between
     candidates; never used in training)."""
-    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
-    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     record = load_json(join(target_raw, "bcp_pseudo_labels.json"))
     folder = join(work, f"pseudo_labels_{name}")
     shutil.rmtree(folder, ignore_errors=True)
     maybe_mkdir_p(folder)
     for case in record["pseudo_labeled"]:
         os.symlink(os.path.realpath(join(target_raw, "labelsTr", f"{case}.nii.gz")), join(folder, f"{case}.nii.gz"))
-    compute_metrics_on_folder(join(raw, "labelsTr"), folder, join(folder, "summary.json"), SimpleITKIO(), ".nii.gz",
-                              CLASSES, num_processes=2)
-    summary = load_json(join(folder, "summary.json"))  # the file's class keys are strings (the returned dict's are not)
+    summary = evaluate_folder(join(raw, "labelsTr"), folder, join(folder, "summary.json"))
     return {"pseudo_label_dice_mean": summary["foreground_mean"]["Dice"],
             "pseudo_label_dice_per_class": {str(c): summary["mean"][str(c)]["Dice"] for c in CLASSES},
             "pseudo_labeled_cases": len(record["pseudo_labeled"])}
@@ -787,14 +789,11 @@ def curve(args):
 def score(args):
     """Dice per class (and with ``--hd95`` HD95) of every run's committed test predictions against a folder of labels
     (e.g. the held-out test labels, once they are released); nothing else in this benchmark reads test labels."""
-    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
-    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     for run in sorted(os.listdir(args.predictions)):
         folder = join(args.predictions, run)
         output = join(args.work_dir, f"test_score_{run}.json")
         maybe_mkdir_p(args.work_dir)
-        compute_metrics_on_folder(args.labels, folder, output, SimpleITKIO(), ".nii.gz", CLASSES, num_processes=2)
-        summary = load_json(output)  # the file's class keys are strings (the returned dict's are not)
+        summary = evaluate_folder(args.labels, folder, output)
         per_class = " ".join(f"{summary['mean'][str(c)]['Dice']:.4f}" for c in CLASSES)
         hd95 = ""
         if args.hd95:
