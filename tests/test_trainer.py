@@ -543,7 +543,7 @@ def test_the_largest_component_filter_is_chosen_per_class_from_the_labeled_cases
     teacher_output[0, 0, 0] = 1  # a stray voxel of the filtered class
     logits = torch.nn.functional.one_hot(teacher_output, 3).permute(3, 0, 1, 2)[None].float() * 10
     with torch.no_grad():
-        monkeypatch.setattr(trainer, "teacher", lambda x: logits)
+        monkeypatch.setattr(trainer, "teacher_forward", lambda x: logits)
         labels = trainer.make_pseudo_labels(torch.zeros(1, 1, *shape))
     assert labels[0, 0, 0, 0, 0] == 0 and (labels == 1).sum() == 6 ** 3
     assert (labels == 2).sum() == 2 * 4 ** 3  # both instances of class 2 kept
