@@ -773,7 +773,7 @@ def table(args):
 
 def curve(args):
     """L's (or any kept run's) learning curve: nnU-Net's per-epoch pseudo Dice on 5 validation batches and its moving
-    average, from the final checkpoint's log; nnU-Net's progress.png is copied to docs/figures."""
+    average, from the final checkpoint's log; nnU-Net's progress.png is copied to docs/figures (reduced)."""
     import torch
     fold = join(args.work_dir, "models", args.run, "fold_0")
     log = torch.load(join(fold, "checkpoint_final.pth"), map_location="cpu", weights_only=False)["logging"]
@@ -782,8 +782,11 @@ def curve(args):
         if epoch % args.every == 0 or epoch == len(log["mean_fg_dice"]) - 1:
             print(f"{epoch:5d} | {float(dice):.4f} | {float(ema):.4f}")
     figure = join(HERE, os.pardir, "docs", "figures", f"acdc_{args.run}_progress.png")
-    shutil.copy(join(fold, "progress.png"), figure)
-    print(f"copied nnU-Net's progress.png to {os.path.relpath(figure, join(HERE, os.pardir))}")
+    from PIL import Image
+    image = Image.open(join(fold, "progress.png"))
+    image.thumbnail((1600, 1600))  # nnU-Net draws 3000 x 5400 pixels: a third of the bytes, still legible
+    image.save(figure, optimize=True)
+    print(f"copied nnU-Net's progress.png, reduced, to {os.path.relpath(figure, join(HERE, os.pardir))}")
 
 
 def score(args):
