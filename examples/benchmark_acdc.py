@@ -618,6 +618,11 @@ ARM_LABELS = {"labeled": "L", "labeled_continue": "(a) L continued as nnU-Net",
               "bcp": "(d) `-tr nnUNetTrainerBCP` from scratch", "ceiling": "(e) nnU-Net, all 70 patients labeled"}
 
 
+def total_iterations(row: dict) -> int:
+    """A run's iterations with those of the model it continued (L's for a continuation)."""
+    return row["iterations"] + (row["from_iterations"] or 0)
+
+
 def paired_cells(row: dict, by_arm: dict, prefix: str) -> list:
     """``row`` against (a) and against (c) of the same start model (or, from scratch, of the same total iterations):
     the Dice difference per volume [95% CI], better in, and where both have it the HD95 difference."""
@@ -626,7 +631,7 @@ def paired_cells(row: dict, by_arm: dict, prefix: str) -> list:
         partner = [o for o in by_arm.get(other, []) if row["arm"] != other and o.get("from_checkpoint")
                    and (row.get("from_checkpoint") == o["from_checkpoint"]
                         or not row.get("from_checkpoint")
-                        and row["iterations"] == o["iterations"] + (o["from_iterations"] or 0))]
+                        and row["iterations"] == total_iterations(o))]
         if not partner or f"{prefix}_per_case" not in partner[-1] or f"{prefix}_per_case" not in row:
             cells.append("")
             continue
@@ -674,7 +679,7 @@ def one_command_against_two(by_arm: dict) -> list:
     lines = []
     for d in by_arm.get("bcp", []):
         for b in by_arm.get("bcp_continue", []):
-            if d["iterations"] == b["iterations"] + (b["from_iterations"] or 0):
+            if d["iterations"] == total_iterations(b):
                 stats = common.paired_statistics(volume_means(b), volume_means(d))
                 lines += ["", f"(d) − (b), the one command against the two-command recipe at {d['iterations']} "
                               f"iterations in all, per volume: {stats['mean']:+.4f} [{stats['ci'][0]:+.4f}, "
