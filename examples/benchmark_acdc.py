@@ -786,12 +786,13 @@ def curve(args):
     for epoch, (dice, ema) in enumerate(zip(log["mean_fg_dice"], log["ema_fg_dice"])):
         if epoch % args.every == 0 or epoch == len(log["mean_fg_dice"]) - 1:
             print(f"{epoch:5d} | {float(dice):.4f} | {float(ema):.4f}")
-    figure = join(HERE, os.pardir, "docs", "figures", f"acdc_{args.run}_progress.png")
+    maybe_mkdir_p(args.figures)
+    figure = join(args.figures, f"acdc_{args.run}_progress.png")
     from PIL import Image
     image = Image.open(join(fold, "progress.png"))
     image.thumbnail((1600, 1600))  # nnU-Net draws 3000 x 5400 pixels: a third of the bytes, still legible
     image.save(figure, optimize=True)
-    print(f"copied nnU-Net's progress.png, reduced, to {os.path.relpath(figure, join(HERE, os.pardir))}")
+    print(f"copied nnU-Net's progress.png, reduced, to {figure}")
 
 
 def score(args):
@@ -842,6 +843,7 @@ def main():
     v = sub.add_parser("curve")
     v.add_argument("--run", required=True, help="a kept run, e.g. labeled_paper3_it1000")
     v.add_argument("--every", type=int, default=5, help="print every N-th epoch [5]")
+    v.add_argument("--figures", default=join(HERE, os.pardir, "docs", "figures"), help="[docs/figures]")
     c = sub.add_parser("score")
     c.add_argument("--labels", required=True, help="folder of label maps named like the test images")
     c.add_argument("--hd95", action="store_true", help="HD95 as well (needs MONAI)")

@@ -718,6 +718,13 @@ def _write_label_map(folder, name, array, spacing):
     sitk.WriteImage(image, str(folder / name))
 
 
+def _three_class_reference():
+    """A label map with one block of each of RV, MYO, LV."""
+    reference = np.zeros((4, 24, 24), np.uint8)
+    reference[1:3, 4:10, 4:10], reference[1:3, 12:18, 4:10], reference[1:3, 4:10, 12:18] = 1, 2, 3
+    return reference
+
+
 def test_acdc_hd95_in_voxels_per_volume_and_class(tmp_path):
     acdc = _load("benchmark_acdc")
     reference, predicted = np.zeros((4, 20, 20), np.uint8), np.zeros((4, 20, 20), np.uint8)
@@ -739,8 +746,7 @@ def test_acdc_hd95_in_voxels_per_volume_and_class(tmp_path):
 
 def test_acdc_metrics_with_each_class_largest_component_kept_join_rows_written_without_them(tmp_path):
     acdc = _load("benchmark_acdc")
-    reference = np.zeros((4, 24, 24), np.uint8)
-    reference[1:3, 4:10, 4:10], reference[1:3, 12:18, 4:10], reference[1:3, 4:10, 12:18] = 1, 2, 3
+    reference = _three_class_reference()
     predicted = reference.copy()
     predicted[3, 20:22, 20:22] = 1  # a stray RV blob far from the heart
     fold = tmp_path / "fold_0"
@@ -784,8 +790,7 @@ def test_acdc_metrics_with_each_class_largest_component_kept_join_rows_written_w
 
 def test_acdc_score_rates_every_runs_test_predictions_against_another_label_folder(tmp_path, capsys):
     acdc = _load("benchmark_acdc")
-    reference = np.zeros((4, 24, 24), np.uint8)
-    reference[1:3, 4:10, 4:10], reference[1:3, 12:18, 4:10], reference[1:3, 4:10, 12:18] = 1, 2, 3
+    reference = _three_class_reference()
     shifted = np.roll(reference, 2, axis=2)
     for folder, array in (("labels", reference), ("predictions/exact", reference), ("predictions/shifted", shifted)):
         _write_label_map(tmp_path / folder, "patient101_frame01.nii.gz", array, acdc.NOMINAL_SPACING)
@@ -795,6 +800,23 @@ def test_acdc_score_rates_every_runs_test_predictions_against_another_label_fold
     assert lines[0] == "exact: mean Dice 1.0000 (RV MYO LV 1.0000 1.0000 1.0000); HD95 (voxels) 0.00"
     assert lines[1].startswith("shifted: mean Dice 0.6667 ") and lines[1].endswith("HD95 (voxels) 2.00")
     assert os.path.isfile(tmp_path / "work" / "test_score_shifted.json")
+
+
+def test_acdc_curve_prints_the_pseudo_dice_per_epoch_and_keeps_a_reduced_progress_figure(tmp_path, capsys):
+    acdc = _load("benchmark_acdc")
+    fold = tmp_path / "work" / "models" / "labeled_paper3_it1000" / "fold_0"
+    fold.mkdir(parents=True)
+    dice = [0.1 * i for i in range(8)]
+    torch.save({"logging": {"mean_fg_dice": [np.float64(d) for d in dice],
+                            "ema_fg_dice": [np.float64(d / 2) for d in dice]}}, fold / "checkpoint_final.pth")
+    from PIL import Image
+    Image.new("RGB", (3000, 5400), "white").save(fold / "progress.png")  # nnU-Net's size
+    acdc.curve(argparse.Namespace(work_dir=str(tmp_path / "work"), run="labeled_paper3_it1000", every=5,
+                                  figures=str(tmp_path / "figures")))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1:4] == ["    0 | 0.0000 | 0.0000", "    5 | 0.5000 | 0.2500", "    7 | 0.7000 | 0.3500"]
+    with Image.open(tmp_path / "figures" / "acdc_labeled_paper3_it1000_progress.png") as figure:
+        assert figure.size == (889, 1600)
 
 
 def test_the_benchmarks_plugin_defaults_are_the_trainers_own(synthetic_3d):
