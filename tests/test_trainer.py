@@ -478,7 +478,8 @@ def test_checkpoint_from_another_trainer_or_plan_is_refused(trainer, tmp_path):
     del ckpt["bcp"]
     ckpt["trainer_name"] = "nnUNetTrainer"
     torch.save(ckpt, str(tmp_path / "plain.pth"))
-    with pytest.raises(SystemExit, match="written by nnUNetTrainer, not by a BCP trainer"):
+    with pytest.raises(SystemExit, match="written by nnUNetTrainer, not by a BCP trainer, and has no teacher; start BCP "
+                                         "from it with nnUNetv2_bcp_start_from_model instead of --c"):
         trainer.load_checkpoint(str(tmp_path / "plain.pth"))
 
 
