@@ -104,6 +104,21 @@ def test_a_resumed_run_keeps_the_stage_two_settings_it_started_with(trainer, tmp
     assert (again.bcp_labeled_loss_weight, again.bcp_alpha) == (0.0, 0.3)
 
 
+def test_a_resumed_run_with_the_settings_it_started_with_says_nothing_about_them(trainer, tmp_path):
+    """The checkpoint records stage 1's length as resolved (half of num_epochs when unset): a resume by the same
+    trainer is not told that its settings differ, and keeps that length."""
+    from nnunetv2_bcp import nnUNetTrainerBCP
+    trainer.bcp_stage_two_start_epoch = trainer.current_epoch  # as begin_stage_two records it
+    path = str(tmp_path / "checkpoint_latest.pth")
+    trainer.save_checkpoint(path)
+    resumed = nnUNetTrainerBCP(_plans(trainer), "3d_fullres", 0, trainer.dataset_json, torch.device("cpu"))
+    assert resumed.bcp_pretrain_epochs is None
+    resumed.load_checkpoint(path)
+    assert "continuing with the settings" not in open(resumed.log_file).read()
+    assert resumed.pretrain_epochs() == trainer.pretrain_epochs()
+    assert resumed.bcp_settings() == trainer.bcp_settings()
+
+
 def test_stale_temporaries_of_a_killed_write_are_removed(tmp_path):
     (tmp_path / "checkpoint_latest.pth.tmp").write_bytes(b"partial")
     (tmp_path / "checkpoint_best.pth").write_bytes(b"kept")

@@ -1,4 +1,4 @@
-"""nnUNetTrainerBCP: Bidirectional Copy-Paste inside nnU-Net's training loop (BCP.md, stages 1 and 2).
+"""nnUNetTrainerBCP: Bidirectional Copy-Paste inside nnU-Net's training loop (Bai et al., CVPR 2023).
 
 A thin orchestration of :mod:`nnunetv2_bcp.bcp` over nnU-Net's hooks. Everything nnU-Net does (planning,
 augmentation, deep supervision, validation, checkpoints, inference) stays nnU-Net's; this class adds the
@@ -670,13 +670,17 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
 
     def keep_settings_of_the_checkpoint(self, saved: dict, source: str) -> None:
         """Continue with the settings of the stages the run was started with where this trainer's differ (say
-        which)."""
+        which). The checkpoint holds them as resolved (stage 1's length in epochs), so they are compared with this
+        trainer's resolved settings."""
         kept = []
+        resolved = self.bcp_settings()
         for name, before_it_existed in {**STAGE_SETTINGS, **STAGE_TWO_SETTINGS}.items():
             theirs = saved.get(name, before_it_existed)
-            ours = getattr(self, name)
-            if theirs is not None and theirs != ours:
-                setattr(self, name, theirs)
+            if theirs is None:
+                continue
+            ours = resolved[name]
+            setattr(self, name, theirs)
+            if theirs != ours:
                 kept.append(f"{name} = {theirs!r} (this trainer's: {ours!r})")
         if kept:
             self.print_to_log_file(f"BCP: continuing with the settings this run started with ({source}): "
