@@ -97,7 +97,7 @@ def _schedule(t):
     t.save_every = 1 if t.device.type == "cpu" else 10
 
 
-# The paper's stage 2 (BCP.md): each BCP run names what it changes from it (--bcp), so that a row keeps its meaning
+# The paper's stage 2: each BCP run names what it changes from it (--bcp), so that a row keeps its meaning
 # when the plugin's defaults change (the supervised term became one after the first rows were written).
 PAPER = {"bcp_alpha": 0.5, "bcp_labeled_loss_weight": 0.0, "bcp_teacher_weak_view": False, "bcp_ema_decay": 0.99,
          "bcp_mask_ratio": 2 / 3, "bcp_largest_component": True,

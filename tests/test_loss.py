@@ -46,12 +46,12 @@ def num_outputs(kind):
 
 
 def origin_map(box_mask, inward):
-    """BCP.md step 3: X^in is labeled where M = 1, X^out where M = 0."""
+    """The paper's mixing: X^in is labeled where M = 1, X^out where M = 0."""
     outside_box = box_mask.bool()
     return torch.where(inward.view(-1, *[1] * (box_mask.ndim - 1)), outside_box, ~outside_box)
 
 
-# ------------------------------------------------------------------ an independent reference, from BCP.md step 5
+# ------------------------------------------------------------------ an independent reference, from the paper's loss
 
 def per_voxel_terms(logits, target, kind):
     """Probabilities, one-hot target, per-voxel CE (B, 1, ...) on nnU-Net's scale, valid voxels (B, 1, ...)."""

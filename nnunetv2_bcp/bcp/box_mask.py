@@ -1,4 +1,4 @@
-"""Box masks ``M`` of BCP: 0 inside one random box, 1 elsewhere (BCP.md, "Notation")."""
+"""Box masks ``M`` of BCP: 0 inside one random box, 1 elsewhere, as in the paper."""
 from typing import Optional, Sequence, Tuple, Union
 
 import torch

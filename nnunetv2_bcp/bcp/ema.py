@@ -1,4 +1,4 @@
-"""Mean-teacher update of BCP (BCP.md, step 6): ``teacher <- decay * teacher + (1 - decay) * student``."""
+"""Mean-teacher update of BCP's stage 2: ``teacher <- decay * teacher + (1 - decay) * student``."""
 import torch
 from torch import nn
 from torch._dynamo import OptimizedModule

@@ -1,4 +1,4 @@
-"""BCP's α-weighted segmentation loss, each direction on its own samples (BCP.md, "Stage 2", step 5).
+"""BCP's α-weighted segmentation loss, each direction on its own samples (BCP's stage 2).
 
 A mixed batch of B samples holds ``X^in`` samples (an unlabeled box pasted into a labeled image) and ``X^out``
 samples (a labeled box pasted into an unlabeled image). Each voxel came either from a labeled image (weight 1) or

@@ -1,4 +1,4 @@
-"""Copy-paste mixing of BCP (BCP.md, stages 1 and 2).
+"""Copy-paste mixing of BCP (Bai et al., CVPR 2023), for both stages.
 
 Pairing inside a batch of B labeled and B unlabeled patches: mixed sample ``k`` is built from labeled
 patch ``k`` and unlabeled patch ``k``, so the student sees B mixed patches, as many as nnU-Net loads.
