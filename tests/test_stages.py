@@ -26,15 +26,16 @@ def test_stage_lengths_follow_num_epochs_set_after_init(synthetic_3d):
             self.num_epochs = 100
 
     shorter = _new(Shorter, synthetic_3d)
-    assert (shorter.pretrain_epochs(), shorter.max_pretrain_epochs()) == (50, 50)
+    assert (shorter.pretrain_epochs(), shorter.max_pretrain_epochs()) == (50, 75)
     settings = shorter.bcp_settings()
-    assert settings["bcp_pretrain_epochs"] == 50 and settings["bcp_max_pretrain_epochs"] == 50
+    assert settings["bcp_pretrain_epochs"] == 50 and settings["bcp_max_pretrain_epochs"] == 75
     assert _new(nnUNetTrainerBCP_5epochs, synthetic_3d).pretrain_epochs() == 2
     shorter.bcp_pretrain_epochs = 7  # set by the user: kept
-    # stage 1 decays its own learning rate to its end: it is not lengthened unless the schedule runs on
-    assert shorter.pretrain_epochs() == 7 and shorter.max_pretrain_epochs() == 7
-    shorter.bcp_restart_lr = False
+    assert shorter.pretrain_epochs() == 7 and shorter.max_pretrain_epochs() == 75
+    shorter.bcp_restart_lr = False  # one decay: stage 1 goes on at most to half of it
     assert shorter.max_pretrain_epochs() == 50
+    shorter.bcp_max_pretrain_epochs = 60
+    assert shorter.max_pretrain_epochs() == 60
 
 
 def test_a_stage_one_as_long_as_the_schedule_is_refused_before_training(synthetic_3d):
@@ -178,12 +179,12 @@ def test_the_staged_schedule_is_nnunets_poly_decay_restarted_at_stage_two():
     def sgd():
         return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
 
-    stages = TrainingStages(restart=True, stage_one_epochs=4, stage_two_start=None)
+    stages = TrainingStages(restart=True, stage_one_epochs=4, restart_epoch=None)
     staged = StagedPolyLRScheduler(sgd(), 0.01, 10, lambda: stages)
     # stage 1: nnU-Net's decay over its 4 epochs, then its last value while stage 1 goes on
     assert np.allclose(lrs(staged, range(4)), lrs(PolyLRScheduler(sgd(), 0.01, 4), range(4)))
     assert np.isclose(lrs(staged, [5])[0], lrs(PolyLRScheduler(sgd(), 0.01, 4), [3])[0])
-    stages = stages._replace(stage_two_start=6)  # stage 2: nnU-Net's decay again, over the 4 epochs left
+    stages = stages._replace(restart_epoch=6)  # after the restart: nnU-Net's decay again, over the 4 epochs left
     assert np.allclose(lrs(staged, range(6, 10)), lrs(PolyLRScheduler(sgd(), 0.01, 4), range(4)))
     assert lrs(staged, [6]) == [0.01]
     plain = StagedPolyLRScheduler(sgd(), 0.01, 10, lambda: TrainingStages(False, 4, 6))
@@ -253,6 +254,58 @@ def test_stage_two_restarts_the_learning_rate_with_fresh_momentum_and_a_resume_k
     without.current_epoch = 4
     without.on_train_epoch_start()
     assert without.in_stage_two() and np.isclose(lr(without), 0.01 * (1 - 4 / 10) ** 0.9) and without.optimizer.state
+
+
+def test_with_a_restart_a_student_that_misses_a_class_goes_on_at_the_restarted_learning_rate_until_it_sees_it(
+        synthetic_3d, tmp_path):
+    from nnunetv2_bcp import nnUNetTrainerBCP
+
+    class TenEpochs(nnUNetTrainerBCP):
+        def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+            super().__init__(plans, configuration, fold, dataset_json, device)
+            self.num_epochs, self.bcp_pretrain_epochs = 10, 4
+
+    def lr(t):
+        return t.optimizer.param_groups[0]["lr"]
+
+    t = _new(TenEpochs, synthetic_3d)
+    t.initialize()
+    assert t.restarts_lr() and t.max_pretrain_epochs() == 8
+    labeled, _ = _batches(t, 0)
+    t.train_step(labeled)  # momentum buffers
+    t.bcp_student_train_dice = [0.8, 0.0]  # measured after epoch 3: class 2 missed
+    t.current_epoch = 4
+    t.on_train_epoch_start()
+    assert not t.in_stage_two() and t.bcp_lr_restart_epoch == 4  # no teacher yet, the learning rate restarted
+    assert lr(t) == t.initial_lr and not t.optimizer.state
+    assert "stage 1 goes on with the learning rate restarted at epoch 4" in open(t.log_file).read()
+    t.train_step(labeled)
+    path = str(tmp_path / "checkpoint_latest.pth")
+    t.save_checkpoint(path)  # --c between the restart and the teacher keeps the restart
+    resumed = _new(TenEpochs, synthetic_3d)
+    resumed.load_checkpoint(path)
+    assert resumed.bcp_lr_restart_epoch == 4 and resumed.bcp_student_train_dice == [0.8, 0.0]
+    resumed.on_train_epoch_start()  # epoch 5, class 2 still missed
+    assert not resumed.in_stage_two() and np.isclose(lr(resumed), 0.01 * (1 - 1 / 6) ** 0.9)
+    assert resumed.optimizer.state  # not restarted a second time
+    resumed.bcp_student_train_dice = [0.8, 0.5]  # the student sees every class
+    resumed.current_epoch = 6
+    resumed.on_train_epoch_start()
+    assert resumed.in_stage_two() and resumed.bcp_stage_two_start_epoch == 6
+    assert np.isclose(lr(resumed), 0.01 * (1 - 2 / 6) ** 0.9)  # the decay from the restart goes on
+    for a, b in zip(resumed.teacher.state_dict().values(), resumed.network.state_dict().values()):
+        assert torch.equal(a, b)
+    assert "BCP stage 2 from epoch 6: teacher initialised from the student (the learning rate restarted at epoch 4)" \
+        in open(resumed.log_file).read()
+
+    capped = _new(TenEpochs, synthetic_3d)  # a class never learned: the teacher is made at the cap, with a warning
+    capped.initialize()
+    capped.bcp_student_train_dice = [0.8, 0.0]
+    for epoch in range(4, 9):
+        capped.current_epoch = epoch
+        capped.on_train_epoch_start()
+    assert capped.bcp_lr_restart_epoch == 4 and capped.bcp_stage_two_start_epoch == 8
+    assert "WARNING: stage 2 starts at bcp_max_pretrain_epochs=8" in open(capped.log_file).read()
 
 
 def test_the_staged_schedule_never_exceeds_the_initial_learning_rate_without_a_stage_one():

@@ -39,9 +39,12 @@ from nnunetv2_bcp.unlabeled.weak_view import split_views, with_weak_view
 # trained to its end, then BCP from it with a fresh schedule of as many iterations; docs/benchmarks.md).
 PRETRAIN_FRACTION = 0.5
 # Stage 1 goes on past its length while the student's Dice of some class on its labeled training patches is below
-# this, up to this share of the schedule: a teacher that cannot see a class teaches the student to miss it.
+# this, up to a share of the schedule: a teacher that cannot see a class teaches the student to miss it. With a
+# restart the learning rate restarts at the planned switch all the same (stage 1 has decayed to its end, and more of
+# it would teach nothing), and the teacher is made once the student sees every class.
 PRETRAIN_MIN_DICE = 0.1
 MAX_PRETRAIN_FRACTION = 0.5
+MAX_PRETRAIN_FRACTION_WITH_RESTART = 0.75
 # bcp_largest_component = "auto": a class keeps only its largest pseudo-label component when its reference labels form
 # one component in at least this share of their occurrences (cases; slices for 2d) among the first labeled cases:
 # for a class of many instances (lesions, nodules) the filter would train every other instance as background.
@@ -64,11 +67,12 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
 
     ``bcp_stage_one`` (what stage 1 trains on the labeled cases: "nnunet", nnU-Net's own step, or "copy_paste",
     the paper's copy-paste between labeled patches), ``bcp_pretrain_epochs`` (stage 1 length; unset:
-    ``bcp_pretrain_fraction`` of ``num_epochs``, a half), ``bcp_restart_lr`` (stage 2 restarts nnU-Net's poly
-    schedule from ``initial_lr`` with a fresh optimiser state, as a model continued by a second training would;
-    else one decay over the whole run), ``bcp_pretrain_min_dice`` and ``bcp_max_pretrain_epochs`` (stage 1 goes
-    on, up to the latter, while the student's Dice of a class on its labeled training patches is below the former;
-    0 turns this off; with a restart stage 1 has decayed to its end and is not lengthened: it warns),
+    ``bcp_pretrain_fraction`` of ``num_epochs``, a half), ``bcp_restart_lr`` (after stage 1's length nnU-Net's poly
+    schedule restarts from ``initial_lr`` with a fresh optimiser state, as a model continued by a second training
+    would; else one decay over the whole run), ``bcp_pretrain_min_dice`` and ``bcp_max_pretrain_epochs`` (stage 1
+    goes on, up to the latter, while the student's Dice of a class on its labeled training patches is below the
+    former, with a restart at the restarted learning rate; 0 turns this off; the latter defaults to three quarters of
+    the schedule with a restart, half without),
     ``bcp_alpha`` (weight of unlabeled-origin voxels, 0.5), ``bcp_labeled_loss_weight`` (nnU-Net's loss on the
     un-mixed labeled patches beside the BCP loss, 1; 0 = the paper's loss alone), ``bcp_teacher_weak_view`` (the
     teacher labels a view without intensity augmentation), ``bcp_ema_decay`` (λ, 0.99), ``bcp_mask_ratio`` (β,
@@ -90,6 +94,7 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
         self.bcp_pretrain_fraction = PRETRAIN_FRACTION
         self.bcp_restart_lr = True
         self.bcp_stage_two_start_epoch = None  # set when stage 2 begins
+        self.bcp_lr_restart_epoch = None  # set when the learning rate restarts (bcp_restart_lr)
         self.bcp_pretrain_min_dice = PRETRAIN_MIN_DICE
         self.bcp_max_pretrain_epochs = None
         self.bcp_alpha = 0.5
@@ -246,7 +251,7 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
     def training_stages(self) -> TrainingStages:
         """The stages as the learning-rate schedule follows them: the settings as resolved, or as kept from the
         checkpoint under --c."""
-        return TrainingStages(self.bcp_restart_lr, self.pretrain_epochs(), self.bcp_stage_two_start_epoch)
+        return TrainingStages(self.bcp_restart_lr, self.pretrain_epochs(), self.bcp_lr_restart_epoch)
 
     def restarts_lr(self) -> bool:
         """Whether the learning rate restarts at stage 2 (not under a schedule another trainer brings)."""
@@ -294,11 +299,10 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
         return int(round(self.bcp_pretrain_fraction * self.num_epochs))
 
     def max_pretrain_epochs(self) -> int:
-        if self.restarts_lr():  # stage 1's schedule has decayed to its end: more of it would not teach a missed class
-            return self.pretrain_epochs()
         if self.bcp_max_pretrain_epochs is not None:
             return self.bcp_max_pretrain_epochs
-        return max(self.pretrain_epochs(), int(round(MAX_PRETRAIN_FRACTION * self.num_epochs)))
+        share = MAX_PRETRAIN_FRACTION_WITH_RESTART if self.restarts_lr() else MAX_PRETRAIN_FRACTION
+        return max(self.pretrain_epochs(), int(round(share * self.num_epochs)))
 
     def classes_the_student_misses(self, dice_per_class: list) -> list:
         """Classes (regions) whose Dice in ``dice_per_class`` is below ``bcp_pretrain_min_dice`` (NaN, a class
@@ -319,8 +323,10 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
             return True
         dice = ", ".join(f"{d:.4f}" for d in dice_per_class)
         if self.current_epoch < self.max_pretrain_epochs():
+            restarted = "" if self.bcp_lr_restart_epoch is None else \
+                f" with the learning rate restarted at epoch {self.bcp_lr_restart_epoch}"
             self.print_to_log_file(
-                f"BCP: stage 1 goes on: the student's Dice per class on its labeled training patches is [{dice}], "
+                f"BCP: stage 1 goes on{restarted}: the student's Dice per class on its labeled training patches is [{dice}], "
                 f"below bcp_pretrain_min_dice={self.bcp_pretrain_min_dice} for {missing}; a teacher made from it "
                 f"would label those as background (stage 2 starts by epoch {self.max_pretrain_epochs()} at the "
                 f"latest)")
@@ -350,23 +356,32 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
             return (2 * tp / (2 * tp + fp + fn)).tolist()
 
     def on_train_epoch_start(self):
-        if not self.in_stage_two() and self.start_stage_two_now():
-            self.begin_stage_two()
+        if not self.in_stage_two() and self.current_epoch >= self.pretrain_epochs():
+            if self.restarts_lr() and self.bcp_lr_restart_epoch is None:
+                self.restart_learning_rate()
+            if self.start_stage_two_now():
+                self.begin_stage_two()
         super().on_train_epoch_start()  # nnU-Net's, with the learning rate of the stage this epoch belongs to
         self.print_to_log_file(f"BCP stage {2 if self.in_stage_two() else 1}")
 
+    def restart_learning_rate(self) -> None:
+        """At the end of stage 1's planned length: the poly schedule starts again from ``initial_lr`` over the
+        remaining epochs and the optimiser's momentum is cleared, as for a model continued by a new training."""
+        self.optimizer.state.clear()
+        self.bcp_lr_restart_epoch = self.current_epoch
+
     def begin_stage_two(self) -> None:
-        """Stage 1 -> 2 at the start of this epoch: the trained student initialises the teacher; with a restart, the
-        poly schedule starts again and the optimiser's momentum is cleared, as for a model continued by a new
-        training."""
+        """Stage 1 -> 2 at the start of this epoch: the trained student initialises the teacher (with a restart, at
+        the epoch the learning rate restarted, or later while the student missed a class)."""
         self.teacher.load_state_dict(unwrap_network(self.network).state_dict())
         self.bcp_teacher_initialized = True
         self.bcp_stage_two_start_epoch = self.current_epoch
         restart = ""
-        if self.restarts_lr():
-            self.optimizer.state.clear()
+        if self.bcp_lr_restart_epoch == self.current_epoch:
             restart = (f"; the learning rate restarts at {self.initial_lr} and decays over the remaining "
                        f"{self.num_epochs - self.current_epoch} epochs, the optimiser's momentum cleared")
+        elif self.bcp_lr_restart_epoch is not None:
+            restart = f" (the learning rate restarted at epoch {self.bcp_lr_restart_epoch})"
         self.print_to_log_file(f"BCP stage 2 from epoch {self.current_epoch}: teacher initialised from the "
                                f"student{restart}")
 
@@ -632,6 +647,7 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
         """What a BCP checkpoint holds beside nnU-Net's entries."""
         return {'teacher_weights': self.teacher.state_dict(), 'teacher_initialized': self.bcp_teacher_initialized,
                 'stage_two_start_epoch': self.bcp_stage_two_start_epoch,
+                'lr_restart_epoch': self.bcp_lr_restart_epoch,
                 'iteration': self.bcp_iteration, 'student_train_dice': self.bcp_student_train_dice,
                 'settings': self.bcp_settings()}
 
@@ -662,6 +678,8 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
         self.bcp_teacher_initialized = bcp['teacher_initialized']
         self.bcp_iteration = bcp['iteration']
         self.bcp_stage_two_start_epoch = bcp.get('stage_two_start_epoch')
+        # written before the restart was kept apart from the teacher's start: the two were the same epoch
+        self.bcp_lr_restart_epoch = bcp.get('lr_restart_epoch', self.bcp_stage_two_start_epoch)
         self.bcp_student_train_dice = bcp.get('student_train_dice')
         if 'settings' in bcp:
             self.keep_settings_of_the_checkpoint(bcp['settings'], path)

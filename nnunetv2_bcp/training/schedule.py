@@ -6,16 +6,17 @@ from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 
 class TrainingStages(NamedTuple):
     """Where a two-stage training stands, as its schedule needs it."""
-    restart: bool  # the learning rate restarts at stage 2
+    restart: bool  # the learning rate restarts after stage 1
     stage_one_epochs: int  # the planned length of stage 1
-    stage_two_start: Optional[int]  # the epoch stage 2 began at; None while in stage 1
+    restart_epoch: Optional[int]  # the epoch the learning rate restarted at; None before
 
 
 class StagedPolyLRScheduler(PolyLRScheduler):
     """nnU-Net's ``PolyLRScheduler``, stepped with the epoch as nnU-Net does, in two stages when ``stages()`` says
-    ``restart``: stage 1 decays from ``initial_lr`` over its ``stage_one_epochs`` (staying at its last value if stage
-    1 runs longer), stage 2 decays from ``initial_lr`` again, from the epoch it starts at (``stage_two_start``) to
-    ``max_steps`` (nnU-Net's ``num_epochs``). Without ``restart``, one decay over ``max_steps``, as nnU-Net's.
+    ``restart``: stage 1 decays from ``initial_lr`` over its ``stage_one_epochs`` (staying at its last value until
+    the restart), then the decay starts from ``initial_lr`` again, from the epoch of the restart (``restart_epoch``:
+    where stage 2 begins, or where stage 1 goes on while the student misses a class) to ``max_steps`` (nnU-Net's
+    ``num_epochs``). Without ``restart``, one decay over ``max_steps``, as nnU-Net's.
     ``stages`` is asked at every step, so the schedule follows the trainer's settings as a resume restores them.
 
     With a restart, one training follows the schedule of a labeled-only nnU-Net model trained to its end and then
@@ -28,12 +29,12 @@ class StagedPolyLRScheduler(PolyLRScheduler):
 
     def decay_position(self, epoch: int) -> float:
         """How far into its decay ``epoch`` is, from 0 (``initial_lr``) towards 1."""
-        restart, stage_one_epochs, stage_two_start = self.stages()
+        restart, stage_one_epochs, restart_epoch = self.stages()
         if not restart:
             return epoch / self.max_steps
-        if stage_two_start is None:
+        if restart_epoch is None:
             return min(epoch, max(stage_one_epochs - 1, 0)) / max(stage_one_epochs, 1)
-        return (epoch - stage_two_start) / max(self.max_steps - stage_two_start, 1)
+        return (epoch - restart_epoch) / max(self.max_steps - restart_epoch, 1)
 
     def step(self, current_step=None):
         if current_step is None or current_step == -1:

@@ -82,7 +82,7 @@ def start_from_model(trainer, model_checkpoint: str, allow_pickle: bool = False)
     if teacher is not None:
         teacher.load_state_dict(network.state_dict())
         trainer.bcp_teacher_initialized = True
-        trainer.bcp_stage_two_start_epoch = 0
+        trainer.bcp_stage_two_start_epoch = trainer.bcp_lr_restart_epoch = 0
     trainer.current_epoch = -1  # nnU-Net stores the epoch to continue with as current_epoch + 1
     maybe_mkdir_p(trainer.output_folder)
     path = join(trainer.output_folder, STARTING_CHECKPOINT)
