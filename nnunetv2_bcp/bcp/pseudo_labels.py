@@ -1,4 +1,4 @@
-"""Pseudo-labels from teacher logits, with optional largest-connected-component filtering (the teacher's side of BCP's stage 2)."""
+"""Pseudo-labels from teacher logits, with optional largest-connected-component filtering (BCP's stage 2)."""
 from typing import Dict, Iterable, Optional, Sequence
 
 import cc3d

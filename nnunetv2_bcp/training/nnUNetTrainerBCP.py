@@ -254,7 +254,7 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
         return TrainingStages(self.bcp_restart_lr, self.pretrain_epochs(), self.bcp_lr_restart_epoch)
 
     def restarts_lr(self) -> bool:
-        """Whether the learning rate restarts at stage 2 (not under a schedule another trainer brings)."""
+        """Whether the learning rate restarts after stage 1's length (not under a schedule another trainer brings)."""
         foreign = self.lr_scheduler is not None and not isinstance(self.lr_scheduler, StagedPolyLRScheduler)
         return self.bcp_restart_lr and not foreign
 
@@ -326,10 +326,10 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
             restarted = "" if self.bcp_lr_restart_epoch is None else \
                 f" with the learning rate restarted at epoch {self.bcp_lr_restart_epoch}"
             self.print_to_log_file(
-                f"BCP: stage 1 goes on{restarted}: the student's Dice per class on its labeled training patches is [{dice}], "
-                f"below bcp_pretrain_min_dice={self.bcp_pretrain_min_dice} for {missing}; a teacher made from it "
-                f"would label those as background (stage 2 starts by epoch {self.max_pretrain_epochs()} at the "
-                f"latest)")
+                f"BCP: stage 1 goes on{restarted}: the student's Dice per class on its labeled training patches is "
+                f"[{dice}], below bcp_pretrain_min_dice={self.bcp_pretrain_min_dice} for {missing}; a teacher made "
+                f"from it would label those as background (stage 2 starts by epoch {self.max_pretrain_epochs()} at "
+                f"the latest)")
             return False
         self.print_to_log_file(
             f"WARNING: stage 2 starts at bcp_max_pretrain_epochs={self.max_pretrain_epochs()} although the student's "
