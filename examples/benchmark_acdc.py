@@ -618,6 +618,17 @@ ARM_LABELS = {"labeled": "L", "labeled_continue": "(a) L continued as nnU-Net",
               "bcp": "(d) `-tr nnUNetTrainerBCP` from scratch", "ceiling": "(e) nnU-Net, all 70 patients labeled"}
 
 
+def series(row: dict) -> str:
+    """The suffix a run was named with (``--name-suffix``, e.g. ``_gpu``), '' for none: two runs of one arm and
+    labeled set are told apart by it in the tables."""
+    plain = run_name(row["arm"], row.get("labeled_set"), row["iterations"], row.get("from_iterations"))
+    return row["run"][len(plain):] if row["run"].startswith(plain) else ""
+
+
+def arm_label(row: dict) -> str:
+    return ARM_LABELS[row["arm"]] + (f" `{series(row)}`" if series(row) else "")
+
+
 def total_iterations(row: dict) -> int:
     """A run's iterations with those of the model it continued (L's for a continuation)."""
     return row["iterations"] + (row["from_iterations"] or 0)
@@ -656,7 +667,7 @@ def set_table(labeled_set: str, rows: list) -> str:
     for r in ordered:
         cells = paired_cells(r, by_arm, "validation")
         per_class = " / ".join(f"{r['validation_dice_per_class'][str(c)]:.3f}" for c in CLASSES)
-        lines.append(f"| {ARM_LABELS[r['arm']]} | {r['iterations']} | {r['validation_dice_mean']:.4f} | {per_class} | "
+        lines.append(f"| {arm_label(r)} | {r['iterations']} | {r['validation_dice_mean']:.4f} | {per_class} | "
                      f"{r['validation_iou_mean']:.4f} | {hd95_cell(r)} | {cells[0]} | {cells[1]} | "
                      f"{r['train_seconds']} ({r['seconds_per_iteration']}, {r['device']}) | `{r['command']}` |")
     lines += one_command_against_two(by_arm)
@@ -668,7 +679,7 @@ def set_table(labeled_set: str, rows: list) -> str:
         for r in kept:
             cells = paired_cells(r, by_arm, LARGEST_COMPONENT)
             per_class = " / ".join(f"{r[f'{LARGEST_COMPONENT}_dice_per_class'][str(c)]:.3f}" for c in CLASSES)
-            lines.append(f"| {ARM_LABELS[r['arm']]} | {r['iterations']} | {r[f'{LARGEST_COMPONENT}_dice_mean']:.4f} | "
+            lines.append(f"| {arm_label(r)} | {r['iterations']} | {r[f'{LARGEST_COMPONENT}_dice_mean']:.4f} | "
                          f"{per_class} | {hd95_cell(r, LARGEST_COMPONENT)} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 
@@ -681,7 +692,8 @@ def one_command_against_two(by_arm: dict) -> list:
         for b in by_arm.get("bcp_continue", []):
             if d["iterations"] == total_iterations(b):
                 stats = common.paired_statistics(volume_means(b), volume_means(d))
-                lines += ["", f"(d) − (b), the one command against the two-command recipe at {d['iterations']} "
+                named = {r["run"]: f" (`{r['run']}`)" if series(r) else "" for r in (d, b)}
+                lines += ["", f"(d){named[d['run']]} − (b){named[b['run']]}, the one command against the two-command recipe at {d['iterations']} "
                               f"iterations in all, per volume: {stats['mean']:+.4f} [{stats['ci'][0]:+.4f}, "
                               f"{stats['ci'][1]:+.4f}], better in {stats['better']}/{stats['n']} (Wilcoxon p = "
                               f"{stats['p']:.2g}){hd95_difference(b, d)}."]

@@ -710,6 +710,24 @@ def test_acdc_benchmark_table_pairs_the_arms_that_started_from_the_same_model(tm
            "+0.0200 [+0.0200, +0.0200], better in 5/5" in text
 
 
+def test_acdc_benchmark_table_tells_two_runs_of_one_arm_apart_by_their_series(tmp_path):
+    acdc = _load("benchmark_acdc")
+    another = {**_acdc_row(acdc, "bcp", 1300, 0.74), "run": acdc.run_name("bcp", "paper3", 1300, suffix="_rule")}
+    rows = [_acdc_row(acdc, "labeled", 1000, 0.5), _acdc_row(acdc, "bcp_continue", 300, 0.7, "L1"),
+            _acdc_row(acdc, "bcp", 1300, 0.72), another]
+    results, docs = tmp_path / "acdc.jsonl", tmp_path / "benchmarks.md"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    docs.write_text("# Benchmarks\n")
+    acdc.table(argparse.Namespace(results=str(results), docs=str(docs), extra_results=str(tmp_path / "none.jsonl")))
+    lines = docs.read_text().splitlines()
+    one_command = [line for line in lines if line.startswith("| (d)")]
+    assert [line.split(" | ")[0] for line in one_command] == ["| (d) `-tr nnUNetTrainerBCP` from scratch",
+                                                             "| (d) `-tr nnUNetTrainerBCP` from scratch `_rule`"]
+    against_two = [line for line in lines if line.startswith("(d)")]
+    assert against_two[0].startswith("(d) − (b), ") and "+0.0200 [" in against_two[0]
+    assert against_two[1].startswith("(d) (`bcp_paper3_it1300_rule`) − (b), ") and "+0.0400 [" in against_two[1]
+
+
 def _write_label_map(folder, name, array, spacing):
     import SimpleITK as sitk
     folder.mkdir(parents=True, exist_ok=True)
