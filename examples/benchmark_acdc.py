@@ -693,8 +693,8 @@ def one_command_against_two(by_arm: dict) -> list:
             if d["iterations"] == total_iterations(b):
                 stats = common.paired_statistics(volume_means(b), volume_means(d))
                 named = {r["run"]: f" (`{r['run']}`)" if series(r) else "" for r in (d, b)}
-                lines += ["", f"(d){named[d['run']]} − (b){named[b['run']]}, the one command against the two-command recipe at {d['iterations']} "
-                              f"iterations in all, per volume: {stats['mean']:+.4f} [{stats['ci'][0]:+.4f}, "
+                lines += ["", f"(d){named[d['run']]} − (b){named[b['run']]}, the one command against the two-command "
+                              f"recipe at {d['iterations']} iterations in all, per volume: {stats['mean']:+.4f} [{stats['ci'][0]:+.4f}, "
                               f"{stats['ci'][1]:+.4f}], better in {stats['better']}/{stats['n']} (Wilcoxon p = "
                               f"{stats['p']:.2g}){hd95_difference(b, d)}."]
     return lines
