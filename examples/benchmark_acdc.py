@@ -626,7 +626,13 @@ def series(row: dict) -> str:
 
 
 def arm_label(row: dict) -> str:
-    return ARM_LABELS[row["arm"]] + (f" `{series(row)}`" if series(row) else "")
+    suffix = series(row)
+    return ARM_LABELS[row["arm"]] + (f" `{suffix}`" if suffix else "")
+
+
+def named_if_in_a_series(row: dict) -> str:
+    """`` (`<run>`)`` for a run of another series, '' for the main one."""
+    return f" (`{row['run']}`)" if series(row) else ""
 
 
 def total_iterations(row: dict) -> int:
@@ -692,11 +698,10 @@ def one_command_against_two(by_arm: dict) -> list:
         for b in by_arm.get("bcp_continue", []):
             if d["iterations"] == total_iterations(b):
                 stats = common.paired_statistics(volume_means(b), volume_means(d))
-                named = {r["run"]: f" (`{r['run']}`)" if series(r) else "" for r in (d, b)}
-                lines += ["", f"(d){named[d['run']]} − (b){named[b['run']]}, the one command against the two-command "
-                              f"recipe at {d['iterations']} iterations in all, per volume: {stats['mean']:+.4f} [{stats['ci'][0]:+.4f}, "
-                              f"{stats['ci'][1]:+.4f}], better in {stats['better']}/{stats['n']} (Wilcoxon p = "
-                              f"{stats['p']:.2g}){hd95_difference(b, d)}."]
+                lines += ["", f"(d){named_if_in_a_series(d)} − (b){named_if_in_a_series(b)}, the one command "
+                              f"against the two-command recipe at {d['iterations']} iterations in all, per volume: "
+                              f"{stats['mean']:+.4f} [{stats['ci'][0]:+.4f}, {stats['ci'][1]:+.4f}], better in "
+                              f"{stats['better']}/{stats['n']} (Wilcoxon p = {stats['p']:.2g}){hd95_difference(b, d)}."]
     return lines
 
 

@@ -687,6 +687,15 @@ def _acdc_row(acdc, arm, iterations, dice, from_checkpoint=None, from_iterations
             "command": f"run --arm {arm}"}
 
 
+def _acdc_table_text(acdc, rows, tmp_path):
+    """``benchmark_acdc.py table`` on these rows, into a docs file of its own: the file's text."""
+    results, docs = tmp_path / "acdc.jsonl", tmp_path / "benchmarks.md"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    docs.write_text("# Benchmarks\n")
+    acdc.table(argparse.Namespace(results=str(results), docs=str(docs), extra_results=str(tmp_path / "none.jsonl")))
+    return docs.read_text()
+
+
 def test_acdc_benchmark_table_pairs_the_arms_that_started_from_the_same_model(tmp_path):
     acdc = _load("benchmark_acdc")
     assert acdc.run_name("bcp_continue", "paper3", 300, 1000) == "bcp_continue_paper3_it300_from1000"
@@ -695,11 +704,7 @@ def test_acdc_benchmark_table_pairs_the_arms_that_started_from_the_same_model(tm
             _acdc_row(acdc, "bcp_continue", 300, 0.7, "L1"), _acdc_row(acdc, "pseudo_continue", 300, 0.65, "L1"),
             _acdc_row(acdc, "bcp_continue", 500, 0.9, "another L"),  # from another L: not paired
             _acdc_row(acdc, "bcp", 1300, 0.72)]  # from scratch: paired by its total iterations
-    results, docs = tmp_path / "acdc.jsonl", tmp_path / "benchmarks.md"
-    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    docs.write_text("# Benchmarks\n")
-    acdc.table(argparse.Namespace(results=str(results), docs=str(docs), extra_results=str(tmp_path / "none.jsonl")))
-    text = docs.read_text()
+    text = _acdc_table_text(acdc, rows, tmp_path)
     assert text.startswith("# Benchmarks\n") and acdc.TABLE_START in text
     bcp = [line for line in text.splitlines() if line.startswith("| (b)")]
     assert "+0.1000 [+0.1000, +0.1000], 5/5" in bcp[0] and "+0.0500 [" in bcp[0]  # vs (a) and vs (c)
@@ -715,11 +720,7 @@ def test_acdc_benchmark_table_tells_two_runs_of_one_arm_apart_by_their_series(tm
     another = {**_acdc_row(acdc, "bcp", 1300, 0.74), "run": acdc.run_name("bcp", "paper3", 1300, suffix="_rule")}
     rows = [_acdc_row(acdc, "labeled", 1000, 0.5), _acdc_row(acdc, "bcp_continue", 300, 0.7, "L1"),
             _acdc_row(acdc, "bcp", 1300, 0.72), another]
-    results, docs = tmp_path / "acdc.jsonl", tmp_path / "benchmarks.md"
-    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    docs.write_text("# Benchmarks\n")
-    acdc.table(argparse.Namespace(results=str(results), docs=str(docs), extra_results=str(tmp_path / "none.jsonl")))
-    lines = docs.read_text().splitlines()
+    lines = _acdc_table_text(acdc, rows, tmp_path).splitlines()
     one_command = [line for line in lines if line.startswith("| (d)")]
     assert [line.split(" | ")[0] for line in one_command] == ["| (d) `-tr nnUNetTrainerBCP` from scratch",
                                                              "| (d) `-tr nnUNetTrainerBCP` from scratch `_rule`"]
