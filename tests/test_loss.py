@@ -164,6 +164,21 @@ def test_another_dice_module_is_called_per_direction_and_origin(batch_dice, batc
     assert_terms_and_gradients_match(bcp(logits, target, from_labeled, inward), reference, logits)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_nnunets_dice_compiled_by_nnunet_is_still_computed_from_the_loss_sums(kind):
+    """nnU-Net compiles its loss's Dice module where it compiles the network (nnUNet_compile): the loss still
+    recognises nnU-Net's default Dice behind the wrapper and computes it from its own sums, with the same terms."""
+    inward = random_inward(3, 1, 5)
+    logits, target, from_labeled = mixed_batch(kind, (6, 6, 9), inward, 5)
+    loss = nnunet_loss(kind, True)
+    inner = loss.loss if isinstance(loss, DeepSupervisionWrapper) else loss
+    inner.dc = torch.compile(inner.dc)  # as nnUNetTrainer._build_loss does; never called here
+    bcp = BCPLoss.like_nnunet_loss(loss)
+    assert bcp.sums_nnunets_dice
+    reference = reference_bcp_terms(logits, target, from_labeled, inward, kind, True)
+    assert_terms_and_gradients_match(bcp(logits, target, from_labeled, inward), reference, logits)
+
+
 @pytest.mark.parametrize("kind", ["labels", "regions"])
 def test_a_nonlinearity_given_as_a_module_stays_in_nnunets_loss(kind):
     """BCPLoss computes the Dice module's nonlinearity once and calls a copy without it: nnU-Net's own loss (used for

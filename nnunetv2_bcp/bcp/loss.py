@@ -47,6 +47,8 @@ from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.utilities.ddp_allgather import AllGatherGrad
 from torch import nn
 
+from nnunetv2_bcp.bcp.ema import unwrap_network
+
 
 class BCPLoss(nn.Module):
     """Loss terms of a mixed batch: ``stack([L_labeled, L_unlabeled])`` (see the module docstring).
@@ -59,6 +61,9 @@ class BCPLoss(nn.Module):
     def __init__(self, dice_loss: nn.Module, region_based: bool = False, ignore_label: Optional[int] = None,
                  has_ignore_channel: bool = False, weight_ce: float = 1.0, weight_dice: float = 1.0):
         super().__init__()
+        # nnU-Net hands its Dice module compiled where it compiles the network (nnUNet_compile); its settings and
+        # class are what this loss reads, and the sums below replace its forward pass
+        dice_loss = unwrap_network(dice_loss)
         self.dice_loss = dice_loss
         # nnU-Net's default Dice is computed here from one set of sums per scale (its formula and settings); another
         # Dice module is called per direction and origin on probabilities computed once, through a copy without its
