@@ -15,8 +15,9 @@ from batchgenerators.utilities.file_and_folder_operations import join, load_json
 
 from conftest import run_cli
 from nnunetv2_bcp.unlabeled.label_subset import LABEL_SUBSET_FILE, choose_label_subset, load_label_subset
-from nnunetv2_bcp.unlabeled.preprocess import (MANIFEST_FILE, collect_unlabeled_sources, preprocess_unlabeled,
-                                               unlabeled_cases_for_training, unlabeled_data_folder)
+from nnunetv2_bcp.unlabeled.preprocess import (MANIFEST_FILE, _preprocessed_configurations, collect_unlabeled_sources,
+                                               preprocess_unlabeled, unlabeled_cases_for_training,
+                                               unlabeled_data_folder)
 from nnunetv2_bcp.unlabeled.raw import UnlabeledDataError
 
 
@@ -88,6 +89,23 @@ def test_up_to_date_data_is_kept_and_stale_data_redone(dataset_copy):
     _run(ds)
     assert not os.path.exists(join(folder, "unl_001.b2nd"))
     assert "unl_001" not in load_json(join(folder, MANIFEST_FILE))["cases"]
+
+
+def test_configurations_sharing_their_data_share_the_unlabeled_data(dataset_copy):
+    """A configuration that inherits another's preprocessing (nnU-Net's usual custom configurations, the cascade's
+    full resolution) shares its data folder: each one's training keeps the other's unlabeled data, and the command
+    without -c preprocesses the folder once."""
+    ds = dataset_copy
+    ds["plans"]["configurations"]["3d_fullres_bs4"] = {"inherits_from": "3d_fullres", "batch_size": 4}
+    plans_file = join(ds["preprocessed"], "nnUNetPlans_shared.json")
+    save_json(ds["plans"], plans_file)
+    folder = _run(ds)
+    mtimes = {f: os.stat(join(folder, f)).st_mtime_ns for f in os.listdir(folder) if f.endswith(".b2nd")}
+    assert preprocess_unlabeled(ds["plans"], "3d_fullres_bs4", ds["dataset_json"], ds["raw"], ds["preprocessed"],
+                                num_processes=1, verbose=False) == folder
+    _run(ds)
+    assert mtimes == {f: os.stat(join(folder, f)).st_mtime_ns for f in mtimes}
+    assert _preprocessed_configurations(plans_file) == ["3d_fullres"]
 
 
 def test_interrupted_run_resumes(dataset_copy):

@@ -53,13 +53,22 @@ def _sha(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# The entries of a configuration that nnU-Net's preprocessing reads. Configurations that share a data_identifier
+# (one inheriting another's preprocessing with another batch size or network; the cascade's full resolution) differ
+# only elsewhere, so they share their unlabeled data as they share nnU-Net's.
+PREPROCESSING_ENTRIES = ("data_identifier", "preprocessor_name", "spacing", "normalization_schemes", "use_mask_for_norm",
+                         "resampling_fn_data", "resampling_fn_data_kwargs")
+
+
 def config_fingerprint(plans: dict, configuration: str, dataset_json: dict) -> str:
-    """Hash of what decides the preprocessed data: this configuration's resolved plans, the global plans entries,
-    dataset.json, the nnU-Net version and this package's storage format."""
+    """Hash of what decides the preprocessed data: the configuration's preprocessing entries, the global plans
+    entries (transposition, intensity properties, reader), dataset.json, the nnU-Net version and this package's
+    storage format."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     global_plans = {k: v for k, v in plans.items() if k != "configurations"}
     resolved = PlansManager(plans).get_configuration(configuration).configuration
-    return _sha([global_plans, resolved, dataset_json, version("nnunetv2"), FORMAT_VERSION])
+    preprocessing = {k: resolved.get(k) for k in PREPROCESSING_ENTRIES}
+    return _sha([global_plans, preprocessing, dataset_json, version("nnunetv2"), FORMAT_VERSION])
 
 
 def source_signature(files: List[str]) -> str:
@@ -290,18 +299,22 @@ def preprocess_unlabeled_for_dataset(dataset: str, configurations: List[str], pl
 
 
 def _preprocessed_configurations(plans_file: str) -> List[str]:
+    """The configurations whose data nnU-Net has preprocessed, one per data folder."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     if not isfile(plans_file):
         return []
     plans_manager = PlansManager(load_json(plans_file))
-    return [c for c in plans_manager.available_configurations
-            if os.path.isdir(join(os.path.dirname(plans_file), plans_manager.get_configuration(c).data_identifier))]
+    by_folder = {}
+    for c in plans_manager.available_configurations:
+        by_folder.setdefault(plans_manager.get_configuration(c).data_identifier, c)
+    return [c for folder, c in by_folder.items() if os.path.isdir(join(os.path.dirname(plans_file), folder))]
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description="Preprocess the unlabeled images of a dataset (nnUNet_raw/DatasetXXX/imagesUnlabeled, plus "
-                    "label-dropped training cases of a label subset) for BCP, with the dataset's own nnU-Net plans. "
+        description="Preprocess the unlabeled images of a dataset (nnUNet_raw/DatasetXXX/imagesUnlabeled) for BCP, "
+                    "with the dataset's own nnU-Net plans (a label subset's label-dropped training cases are read "
+                    "from nnU-Net's own preprocessed data). "
                     "nnUNetv2_train -tr nnUNetTrainerBCP does this automatically when the data is missing or stale.")
     parser.add_argument("-d", nargs="+", required=True, help="dataset name(s) or id(s)")
     parser.add_argument("-c", nargs="+", default=None,
