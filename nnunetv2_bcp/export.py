@@ -48,6 +48,9 @@ def export_for_plain_nnunet(model_folder: str, output_folder: str, folds=None,
     if os.path.realpath(output_folder) == os.path.realpath(model_folder):
         raise SystemExit("ERROR: the output folder must differ from the model folder (its checkpoints would be "
                          "replaced by stripped copies)")
+    if not isdir(model_folder):
+        raise SystemExit(f"ERROR: {model_folder} is not a folder: give a model folder "
+                         f"(nnUNet_results/DatasetXXX_Name/Trainer__Plans__Configuration)")
     folds = folds or [d[len("fold_"):] for d in subdirs(model_folder, prefix="fold_", join=False)]
     if not folds:
         raise SystemExit(f"ERROR: {model_folder} holds no fold_X folder")

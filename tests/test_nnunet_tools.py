@@ -89,6 +89,8 @@ def test_export_keeps_what_inference_reads_and_the_files_nnunet_zips(tmp_path):
                       "fold_0/progress.png", "fold_0/validation/summary.json", "plans.json"]
     with pytest.raises(SystemExit, match="must differ"):
         export_for_plain_nnunet(str(model), str(model))
+    with pytest.raises(SystemExit, match=f"{tmp_path / 'nowhere'} is not a folder: give a model folder"):
+        export_for_plain_nnunet(str(tmp_path / "nowhere"), str(tmp_path / "out"))
     del checkpoint["bcp"]
     torch.save(checkpoint, model / "fold_0" / "checkpoint_final.pth")
     with pytest.raises(SystemExit, match="holds no BCP teacher"):
@@ -277,9 +279,17 @@ def test_pseudo_label_dataset_predicts_the_unlabeled_cases_and_continues_the_mod
                        "fold_0", "checkpoint_final.pth"))
 
     # refusals, before any prediction (in this process: the command's main)
-    from nnunetv2_bcp.unlabeled.pseudo_label_dataset import main
+    from nnunetv2_bcp.unlabeled.pseudo_label_dataset import main, refuse_to_replace
     with pytest.raises(SystemExit, match=f"dataset id {source_id} is taken by {os.path.basename(raw)}"):
         main([*command[1:], "-t", source_id])
+    with pytest.raises(SystemExit, match="is the source dataset"):
+        main([*command[1:], "-t", source_id, "-tname", "Pseudo"])
+    foreign = join(nnunet_dirs["nnUNet_raw"], "Dataset974_Foreign")
+    os.makedirs(foreign)
+    with pytest.raises(SystemExit, match="Dataset974_Foreign exists and was not written by this command"):
+        main([*command[1:], "-t", "974", "-tname", "Foreign"])
+    assert isfile(join(raw, "dataset.json")) and os.path.isdir(foreign)
+    refuse_to_replace(raw, target_raw)  # its own earlier output may be replaced
     shutil.rmtree(join(raw, "imagesUnlabeled"))
     with pytest.raises(SystemExit, match="has no unlabeled images for fold 0"):
         main([*command[1:], "-t", "973"])

@@ -61,6 +61,16 @@ def _link(source: str, target: str) -> None:
     os.symlink(os.path.abspath(source), target)
 
 
+def refuse_to_replace(source_raw: str, target_raw: str) -> None:
+    """TARGET's raw folder is removed and written again: refuse where it is SOURCE's or where this command did not
+    write it (it holds no record), so that no user's dataset is deleted."""
+    if os.path.realpath(target_raw) == os.path.realpath(source_raw):
+        raise SystemExit(f"ERROR: the target {target_raw} is the source dataset: choose another -t or -tname")
+    if os.path.lexists(target_raw) and not isfile(join(target_raw, RECORD_FILE)):
+        raise SystemExit(f"ERROR: {target_raw} exists and was not written by this command (it has no {RECORD_FILE}): "
+                         f"remove it yourself or choose another -t")
+
+
 def write_pseudo_label_dataset(source_raw: str, source_preprocessed: str, target_raw: str, model_folder: str,
                                fold: int, checkpoint_name: str = "checkpoint_final.pth", device: str = "cuda",
                                num_processes: int = 2, use_mirroring: bool = True) -> dict:
@@ -69,6 +79,7 @@ def write_pseudo_label_dataset(source_raw: str, source_preprocessed: str, target
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
+    refuse_to_replace(source_raw, target_raw)
     dataset_json = load_json(join(source_raw, "dataset.json"))
     training = get_filenames_of_train_images_and_targets(source_raw, dataset_json)
     splits_file = join(source_preprocessed, "splits_final.json")
