@@ -1,5 +1,6 @@
 """Unlabeled images: raw validation, preprocessing (equality, staleness, resume), label subsets, the stream."""
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -486,6 +487,44 @@ def test_a_label_subset_is_used_only_by_trainers_that_opt_in_said_at_the_start_a
     assert trainer.bcp_state()["settings"]["label_subset"] == recorded
     log = open(trainer.log_file).read()
     assert "WARNING: label subset in effect" in log and "nnUNetv2_bcp_label_subset -d Dataset990_BCPSynthetic --remove" in log
+    # a run resumed (--c) after the file changed would go on with other labeled cases: refused
+    checkpoint = join(trainer.output_folder, "checkpoint_latest.pth")
+    trainer.save_checkpoint(checkpoint)
+    other = choose_label_subset(ids, splits, labeled_cases=[c for c in ids[:5] if c not in recorded["labeled"]][:2])
+    save_json(other, join(ds["preprocessed"], LABEL_SUBSET_FILE))
+    resumed = new(nnUNetTrainerBCP_labelSubset)
+    resumed.load_checkpoint(checkpoint)
+    with pytest.raises(SystemExit, match=re.escape(f"{LABEL_SUBSET_FILE}: this run started with the labeled cases "
+                                                   f"{recorded['labeled']} and the file now names")):
+        resumed.get_tr_and_val_datasets()
+
+
+@pytest.mark.parametrize("trainer_name", ["nnUNetTrainerLabelSubset", "nnUNetTrainerBCP_labelSubset"])
+def test_a_trainer_named_for_a_label_subset_refuses_a_missing_or_wrong_one_naming_the_file(dataset_copy, trainer_name):
+    """Without its subset file such a trainer would train on every label in a folder named for a subset; a file
+    that names cases outside the fold's training cases or lacks a fold's lists is refused before training, with the
+    file named and no stack trace."""
+    from nnunetv2_bcp.training.nnUNetTrainerLabelSubset import nnUNetTrainerLabelSubset
+    from nnunetv2_bcp.training.variant_label_subset import nnUNetTrainerBCP_labelSubset
+    trainer_class = {c.__name__: c for c in (nnUNetTrainerLabelSubset, nnUNetTrainerBCP_labelSubset)}[trainer_name]
+    ds = dataset_copy
+    ids = [f"case_{i:03d}" for i in range(6)]
+    save_json([{"train": ids[:5], "val": ids[5:]}], join(ds["preprocessed"], "splits_final.json"))
+    trainer = trainer_class(dict(ds["plans"], continue_training=False), "3d_fullres", 0, ds["dataset_json"],
+                            torch.device("cpu"))
+    trainer.preprocessed_dataset_folder_base = ds["preprocessed"]
+    trainer.preprocessed_dataset_folder = join(ds["preprocessed"], "nnUNetPlans_3d_fullres")
+    trainer.initialize()
+    path = join(ds["preprocessed"], LABEL_SUBSET_FILE)
+    with pytest.raises(SystemExit, match=f"ERROR \\({trainer_name}\\): .*{LABEL_SUBSET_FILE} does not exist: create it "
+                                         f"with 'nnUNetv2_bcp_label_subset -d Dataset990_BCPSynthetic -k K'"):
+        trainer.get_tr_and_val_datasets()
+    save_json({"folds": {"0": {"labeled": ["case_005"], "unlabeled": ids[:5]}}}, path)  # a validation case
+    with pytest.raises(SystemExit, match=f"{LABEL_SUBSET_FILE}: labeled cases \\['case_005'\\] are not training cases"):
+        trainer.get_tr_and_val_datasets()
+    save_json({"folds": {"0": {"labeled": ids[:2]}}}, path)
+    with pytest.raises(SystemExit, match=f"{LABEL_SUBSET_FILE}: not a label subset file \\(fold 0 needs lists"):
+        trainer.get_tr_and_val_datasets()
 
 
 def test_pseudo_labels_take_a_label_subsets_dropped_cases_only_for_a_model_trained_on_the_subset(tmp_path, monkeypatch):

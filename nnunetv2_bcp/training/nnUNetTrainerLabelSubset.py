@@ -17,6 +17,7 @@ class LabelSubsetMixin:
     experiment would otherwise turn every later training on the dataset into a label-scarce one."""
     uses_label_subset = True
     label_subset_in_use = None
+    label_subset_of_checkpoint = None  # what a resumed run started with, where its checkpoint records it
     labeled_training_identifiers = None
 
     def unused_label_subset(self):
@@ -25,15 +26,28 @@ class LabelSubsetMixin:
         return path if not self.uses_label_subset and isfile(path) else None
 
     def _label_subset_of_fold(self):
+        """The fold's entry of the label subset where this trainer opts in (None where it does not); a trainer that
+        opts in refuses to train without one, since its results folder would say label subset over every label."""
         path = label_subset_path(self.preprocessed_dataset_folder_base)
-        if not self.uses_label_subset or not isfile(path):
+        if not self.uses_label_subset:
             return None
+        if not isfile(path):
+            raise UnlabeledDataError(
+                f"{self.__class__.__name__} trains on the labeled cases of a label subset and {path} does not "
+                f"exist: create it with 'nnUNetv2_bcp_label_subset -d {self.plans_manager.dataset_name} -k K' (or "
+                f"--cases), or train on every label (-tr nnUNetTrainerBCP, or nnUNetTrainer)")
         ids = self.dataset_class.get_identifiers(self.preprocessed_dataset_folder)
         return fold_subset(load_label_subset(self.preprocessed_dataset_folder_base, ids), self.fold, path)
 
     def get_tr_and_val_datasets(self):
-        """nnU-Net's split; with a label subset only the fold's labeled cases stay in the labeled dataset."""
-        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        """nnU-Net's split; with a label subset only the fold's labeled cases stay in the labeled dataset. A missing or
+        wrong subset file stops the training with a message naming the file."""
+        try:
+            return self._restricted_to_label_subset(*super().get_tr_and_val_datasets())
+        except UnlabeledDataError as e:
+            raise SystemExit(f"ERROR ({self.__class__.__name__}): {e}")
+
+    def _restricted_to_label_subset(self, dataset_tr, dataset_val):
         subset = self._label_subset_of_fold()
         path = label_subset_path(self.preprocessed_dataset_folder_base)
         if self.unused_label_subset():
@@ -51,6 +65,11 @@ class LabelSubsetMixin:
                                             self.folder_with_segs_from_previous_stage)
             self.label_subset_in_use = {"file": path, "fold": str(self.fold), "labeled": list(subset["labeled"]),
                                         "num_label_dropped": len(subset["unlabeled"])}
+            started = self.label_subset_of_checkpoint
+            if started is not None and sorted(started["labeled"]) != sorted(subset["labeled"]):
+                raise UnlabeledDataError(f"{path}: this run started with the labeled cases {started['labeled']} and "
+                                         f"the file now names {subset['labeled']}: restore it, or start a new training "
+                                         f"without --c")
             self.print_to_log_file(
                 f"WARNING: label subset in effect ({path}): {len(subset['labeled'])} labeled training cases, "
                 f"{len(subset['unlabeled'])} training cases with their labels dropped. To train on every label, "

@@ -73,12 +73,17 @@ def load_label_subset(preprocessed_dataset_folder: str, training_identifiers: Se
     try:
         subset = load_json(path)
         folds = subset["folds"]
+        if not isinstance(folds, dict):
+            raise TypeError(f"'folds' is a {type(folds).__name__}, not a mapping of fold to cases")
+        for fold, entry in folds.items():
+            if not (isinstance(entry, dict) and all(isinstance(entry.get(k), list) for k in ("labeled", "unlabeled"))):
+                raise ValueError(f"fold {fold} needs lists 'labeled' and 'unlabeled'")
     except (ValueError, KeyError, TypeError) as e:
         raise UnlabeledDataError(f"{path}: not a label subset file ({e}); recreate it with "
                                  f"nnUNetv2_bcp_label_subset") from e
     known = set(training_identifiers)
     for fold, entry in folds.items():
-        named = set(entry.get("labeled", [])) | set(entry.get("unlabeled", []))
+        named = set(entry["labeled"]) | set(entry["unlabeled"])
         unknown = sorted(named - known)
         if unknown:
             raise UnlabeledDataError(f"{path}: fold {fold} names cases that are not training cases of this "
