@@ -357,7 +357,12 @@ def test_nonfinite_loss_skips_the_step_names_the_cases_and_keeps_the_teacher(tra
     assert all(torch.equal(v, student[k]) for k, v in trainer.network.state_dict().items())
     log = open(trainer.log_file).read()
     assert "step skipped, teacher not updated" in log and "['a', 'b']" in log and "['u', 'v']" in log
+    # the epoch's training loss (log, progress.png) is that of the steps taken
+    taken = trainer.stage_two_step(*_batches(trainer, 1))
+    trainer.on_train_epoch_end([out, taken])
+    assert trainer.logger.get_value("train_losses", step=None)[-1] == pytest.approx(float(taken["loss"]))
     trainer.bcp_max_nonfinite_steps = 2
+    trainer.bcp_nonfinite_in_a_row = 1
     with pytest.raises(FloatingPointError, match="2 non-finite steps in a row"):
         trainer.stage_two_step(labeled, unlabeled)
 

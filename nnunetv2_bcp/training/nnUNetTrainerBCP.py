@@ -52,9 +52,9 @@ SINGLE_COMPONENT_SHARE = 0.5
 LARGEST_COMPONENT_SAMPLE_CASES = 100
 
 
-# The settings of the stage-2 method, each with the value it had before it existed (None: it always existed). A
-# resumed run (--c) keeps them from its checkpoint, so that it ends as it began when the plugin's defaults change
-# between the start and the resume; a checkpoint written before a setting existed gets that earlier value.
+# The settings of the stage-2 method that a resumed run (--c) keeps from its checkpoint, so that it ends as it began
+# when the plugin's defaults change between the start and the resume; each with the value a checkpoint that lacks
+# the entry was trained with (None: every BCP checkpoint holds it).
 STAGE_TWO_SETTINGS = {"bcp_alpha": None, "bcp_labeled_loss_weight": 0.0, "bcp_teacher_weak_view": False,
                       "bcp_ema_decay": None, "bcp_mask_ratio": None, "bcp_largest_component": None}
 # The same for the stages: what stage 1 trains, its length, whether the learning rate restarts at stage 2.
@@ -177,9 +177,6 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
             self.plans_manager.plans, self.configuration_name, self.dataset_json, raw,
             self.preprocessed_dataset_folder_base, num_processes=max(1, get_allowed_n_proc_DA()),
             verbose=self.local_rank == 0, log=self.print_to_log_file)
-        # manifests written before label-dropped cases were read in place also list those: they come from the subset
-        training = set(self.dataset_class.get_identifiers(self.preprocessed_dataset_folder))
-        keys = [k for k in keys if k not in training]
         subset = self._label_subset_of_fold()
         label_dropped = subset["unlabeled"] if subset is not None else []
         if not keys and not label_dropped:
@@ -594,7 +591,10 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
 
     def on_train_epoch_end(self, train_outputs: List[dict]):
         steps = [o.pop('bcp') for o in train_outputs if 'bcp' in o]  # nnU-Net's collate_outputs takes no tensors
-        super().on_train_epoch_end(train_outputs)
+        # the epoch's loss is that of the steps taken: a skipped step (said in the log) would make it NaN. Every rank
+        # skips the same steps, so nnU-Net's gathering under DDP sees as many losses on each
+        taken = [o for o in train_outputs if np.all(np.isfinite(o['loss']))]
+        super().on_train_epoch_end(taken or train_outputs)
         if not self.in_stage_two():
             if self.bcp_pretrain_min_dice and self.current_epoch + 1 >= self.pretrain_epochs():
                 self.bcp_student_train_dice = self.measure_student_on_training_patches()
@@ -678,12 +678,13 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
         self.bcp_teacher_initialized = bcp['teacher_initialized']
         self.bcp_iteration = bcp['iteration']
         self.bcp_stage_two_start_epoch = bcp.get('stage_two_start_epoch')
-        # written before the restart was kept apart from the teacher's start: the two were the same epoch
+        # a checkpoint without its own restart epoch restarted where the teacher started
         self.bcp_lr_restart_epoch = bcp.get('lr_restart_epoch', self.bcp_stage_two_start_epoch)
         self.bcp_student_train_dice = bcp.get('student_train_dice')
         if 'settings' in bcp:
             self.keep_settings_of_the_checkpoint(bcp['settings'], path)
-        if self.in_stage_two() and self.bcp_stage_two_start_epoch is None:  # written before the stage start was kept
+            self.label_subset_of_checkpoint = bcp['settings'].get('label_subset')
+        if self.in_stage_two() and self.bcp_stage_two_start_epoch is None:  # one decay over the run: no start kept
             self.bcp_restart_lr = False
 
     def keep_settings_of_the_checkpoint(self, saved: dict, source: str) -> None:
