@@ -102,7 +102,7 @@ def measure(kind: str, args) -> dict:
     if args.device.startswith("cuda"):
         result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
     if kind == "bcp":
-        # what the step was, whatever the plugin's defaults were then (rows of earlier code: {} meant the paper's loss)
+        # what the step was, whatever the plugin's defaults are when it is read (an empty entry: the paper's loss)
         result["stage_two"] = {name: getattr(trainer, name) for name in STAGE_TWO_SETTINGS}
         result["breakdown_seconds"] = breakdown(trainer, batch, ubatch, args)
         if args.filter_shape:

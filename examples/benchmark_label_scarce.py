@@ -51,8 +51,8 @@ Run names: ``<arm>_k<K>_s<seed>`` plus ``_it<N>`` when N is not 1000, ``_from-<r
 and the ``--bcp`` settings (``_<name>=<value>``, ``bcp_`` dropped). Each run trains in ``<work>/runs/<run>`` with its
 own ``nnUNet_results`` and its own ``nnUNet_preprocessed`` dataset folder (links to the shared preprocessed files, its
 own ``bcp_label_subset.json``), so runs of different seeds or arms can train at the same time; its log is
-``<work>/<run>.log``, its model is kept in ``<work>/models/<run>``. A run stopped before its row was written (a CPU
-run outlives a session) goes on from its latest epoch the next time it is run, or its protocol is, with the same
+``<work>/<run>.log``, its model is kept in ``<work>/models/<run>``. A run stopped before its row was written (a long CPU
+run is often cut short) goes on from its latest epoch the next time it is run, or its protocol is, with the same
 settings, device and L (CPU runs save a checkpoint every epoch; the row records ``resumed_at_epoch``); delete
 ``<work>/runs/<run>`` to start it over.
 """
@@ -93,7 +93,7 @@ def _schedule(t):
     t.num_epochs = int(os.environ["BENCH_EPOCHS"])
     t.num_iterations_per_epoch = int(os.environ["BENCH_ITERATIONS"])
     t.num_val_iterations_per_epoch = 5
-    # a CPU run outlives a session: an interrupted run resumes from its latest epoch (see run())
+    # a long CPU run is often cut short: an interrupted run resumes from its latest epoch (see run())
     t.save_every = 1 if t.device.type == "cpu" else 10
 
 
@@ -136,7 +136,7 @@ class BenchLabeled(_BenchInference, _AtomicCheckpoints, nnUNetTrainerLabelSubset
 
 
 class BenchBCP(_BenchInference, nnUNetTrainerBCP):
-    uses_label_subset = True  # the run's own label subset (an arm without one has none)
+    uses_label_subset = True  # the run's own label subset
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -243,7 +243,7 @@ def run_name(arm: str, k: int, seed: int, iterations: int = DEFAULT_ITERATIONS, 
 
 
 def parse_run_name(name: str) -> dict:
-    """``k`` and ``seed`` of a run name (``seed`` None for the earlier names without one, e.g. ``bcp_k4``)."""
+    """``k`` and ``seed`` of a run name (``seed`` None for names without one, e.g. ``bcp_k4``)."""
     m = re.search(r"_k(\d+)(?:_s(\d+))?", name)
     if m is None:
         raise SystemExit(f"{name}: not a run name of this benchmark (<arm>_k<K>_s<seed>...)")
@@ -401,7 +401,7 @@ RUN_START = "bench_run.json"  # in <work>/runs/<run>: what the run was started w
 
 
 def interrupted_run(run_dir: str, fold_dir: str, started: dict):
-    """An earlier start of this run that was stopped before its row was written (a CPU run outlives a session): the
+    """An earlier start of this run that was stopped before its row was written (a long CPU run is often cut short): the
     checkpoint to resume with ``--c`` and the seconds its finished epochs took, or None when there is none or it was
     started otherwise (other iterations, settings, device, or another L)."""
     import torch

@@ -499,6 +499,25 @@ def test_benchmark_reader_and_per_case_dice():
     assert bench.dice_per_case(summary, ".nii.gz", [1, 2]) == {"hippocampus_001": {"1": 0.8, "2": 0.6}}
 
 
+def test_demo_dice_is_nnunets_and_leaves_out_a_class_absent_from_both_maps(tmp_path):
+    """The demo's table reads nnU-Net's evaluation: a class missing from both the reference and the prediction of a
+    case is left out of that class's mean (nnU-Net's NaN), not counted as 0."""
+    from nnunetv2_bcp.demo.run_demo import dice_per_class
+    ref, pred = tmp_path / "ref", tmp_path / "pred"
+    ref.mkdir()
+    pred.mkdir()
+    first = np.zeros((4, 4, 4), np.uint8)
+    first[:2] = 1  # class 2 in neither map
+    second_ref, second_pred = np.full((4, 4, 4), 2, np.uint8), np.full((4, 4, 4), 2, np.uint8)
+    second_ref[0], second_pred[0, :2] = 1, 1  # class 1: 16 voxels against 8 inside them
+    for name, r, p in (("a", first, first), ("b", second_ref, second_pred)):
+        sitk.WriteImage(sitk.GetImageFromArray(r), str(ref / f"{name}.nii.gz"))
+        sitk.WriteImage(sitk.GetImageFromArray(p), str(pred / f"{name}.nii.gz"))
+    scores = dice_per_class(str(pred), str(ref), {"background": 0, "one": 1, "two": 2})
+    assert scores["one"] == pytest.approx((1 + 2 * 8 / 24) / 2)
+    assert scores["two"] == pytest.approx(2 * 48 / (48 + 56))
+
+
 def test_benchmark_trainers_take_settings_from_the_environment(monkeypatch):
     bench = _load("benchmark_label_scarce")
     trainers = {}

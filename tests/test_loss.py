@@ -108,7 +108,7 @@ def reference_bcp_terms(logits, target, from_labeled, inward, kind, batch_dice, 
 
 
 def pooled_reference_terms(logits, target, from_labeled, kind, batch_dice):
-    """The OLD semantics: each origin pooled over the whole batch, both directions together."""
+    """Each origin pooled over the whole batch, both directions together (not the paper's per-direction loss)."""
     both = torch.ones(logits.shape[0], dtype=torch.bool)
     return reference_bcp_terms(logits, target, from_labeled, both, kind, batch_dice)
 
@@ -223,7 +223,7 @@ def test_per_direction_differs_from_pooling_each_origin_over_the_batch():
 @pytest.mark.parametrize("deep_supervision", [False, True])
 @pytest.mark.parametrize("direction", [True, False])
 def test_one_direction_labeled_everywhere_is_nnunets_loss(kind, batch_dice, deep_supervision, direction):
-    """Item 7: with every sample of one direction and every voxel from the labeled image, the labeled term is
+    """With every sample of one direction and every voxel from the labeled image, the labeled term is
     nnU-Net's own loss (same scale) and the unlabeled term is 0."""
     generator = torch.Generator().manual_seed(11)
     shapes = [(16, 16), (8, 8), (4, 4), (2, 2)] if deep_supervision else [(16, 16)]

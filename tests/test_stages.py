@@ -311,5 +311,11 @@ def test_with_a_restart_a_student_that_misses_a_class_goes_on_at_the_restarted_l
 def test_the_staged_schedule_never_exceeds_the_initial_learning_rate_without_a_stage_one():
     from nnunetv2_bcp.training.schedule import StagedPolyLRScheduler, TrainingStages
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
-    StagedPolyLRScheduler(optimizer, 0.01, 10, lambda: TrainingStages(True, 0, None))  # steps once when made
-    assert optimizer.param_groups[0]["lr"] == 0.01
+    stages = TrainingStages(True, 0, None)
+    scheduler = StagedPolyLRScheduler(optimizer, 0.01, 10, lambda: stages)  # steps once when made
+    rates = [optimizer.param_groups[0]["lr"]]
+    stages = TrainingStages(True, 0, 0)  # the teacher made at once: the restart at epoch 0
+    for epoch in range(10):
+        scheduler.step(epoch)
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert rates[:2] == [0.01, 0.01] and all(later < earlier for earlier, later in zip(rates[1:], rates[2:]))

@@ -13,7 +13,6 @@ import sys
 import time
 
 import numpy as np
-import SimpleITK as sitk
 from batchgenerators.utilities.file_and_folder_operations import join, load_json, maybe_mkdir_p, save_json, subfiles
 
 import nnunetv2_bcp
@@ -67,18 +66,15 @@ def prepare_msd_dataset(msd_folder: str, raw_root: str, dataset_id: int, num_lab
     return folder
 
 
-def dice_per_class(pred_folder: str, ref_folder: str, labels: dict, ending: str) -> dict:
-    scores = {name: [] for name, value in labels.items() if value != 0}
-    for f in sorted(os.listdir(ref_folder)):
-        if not f.endswith(ending):
-            continue
-        ref = sitk.GetArrayFromImage(sitk.ReadImage(join(ref_folder, f)))
-        pred = sitk.GetArrayFromImage(sitk.ReadImage(join(pred_folder, f)))
-        for name, value in labels.items():
-            if value != 0:
-                a, b = pred == value, ref == value
-                scores[name].append(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
-    return {name: float(np.mean(v)) for name, v in scores.items()}
+def dice_per_class(pred_folder: str, ref_folder: str, labels: dict) -> dict:
+    """Mean Dice per class over the test cases, from nnU-Net's own evaluation (written to ``summary.json`` in
+    ``pred_folder``): a case where a class is absent from both maps does not count, as in nnU-Net's reports."""
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder_simple, load_summary_json
+    classes = {name: value for name, value in labels.items() if value != 0}
+    summary = join(pred_folder, "summary.json")
+    compute_metrics_on_folder_simple(ref_folder, pred_folder, list(classes.values()), summary, num_processes=1)
+    means = load_summary_json(summary)["mean"]
+    return {name: float(means[value]["Dice"]) for name, value in classes.items()}
 
 
 def main(argv=None):
@@ -131,8 +127,7 @@ def main(argv=None):
         pred = join(work, f"predictions_{trainer}")
         _run(["nnUNetv2_predict", "-i", join(folder, "imagesTs"), "-o", pred, "-d", str(dataset_id), "-c",
               "3d_fullres", "-f", "all", "-tr", trainer, "-device", args.device, "-npp", "1", "-nps", "1"], env)
-        results[trainer] = (dice_per_class(pred, join(folder, "labelsTs"), dataset_json["labels"],
-                                           dataset_json["file_ending"]), time.time() - t0)
+        results[trainer] = (dice_per_class(pred, join(folder, "labelsTs"), dataset_json["labels"]), time.time() - t0)
 
     names = [n for n, v in dataset_json["labels"].items() if v != 0]
     lines = [f"\nDice on {args.num_test} held-out test cases ({args.num_labeled} labeled training cases, "
