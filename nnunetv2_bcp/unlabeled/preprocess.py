@@ -56,8 +56,8 @@ def _sha(obj) -> str:
 # The entries of a configuration that nnU-Net's preprocessing reads. Configurations that share a data_identifier
 # (one inheriting another's preprocessing with another batch size or network; the cascade's full resolution) differ
 # only elsewhere, so they share their unlabeled data as they share nnU-Net's.
-PREPROCESSING_ENTRIES = ("data_identifier", "preprocessor_name", "spacing", "normalization_schemes", "use_mask_for_norm",
-                         "resampling_fn_data", "resampling_fn_data_kwargs")
+PREPROCESSING_ENTRIES = ("data_identifier", "preprocessor_name", "spacing", "normalization_schemes",
+                         "use_mask_for_norm", "resampling_fn_data", "resampling_fn_data_kwargs")
 
 
 def config_fingerprint(plans: dict, configuration: str, dataset_json: dict) -> str:
