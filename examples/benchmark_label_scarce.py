@@ -698,6 +698,73 @@ def comparison_table(group: dict) -> str:
     return "\n".join(lines)
 
 
+def from_scratch_comparisons(rows: list) -> list:
+    """BCP from scratch (arm ``bcp``, e.g. the one command) paired with nnU-Net from scratch (arm ``labeled``) of the
+    same K, seed, iterations and test set (the latest of each), grouped by (K, BCP settings, iterations, test set);
+    each pair with the two-command row of that seed at the same total iterations whose settings the BCP run also has
+    (``recipe``: of those the one that has the most, the latest of equals; None where there is none)."""
+    def key(r):
+        return r["k"], r["seed"], r["iterations"], r["test_set"]
+    latest_labeled = {key(r): r for r in rows if r.get("arm") == "labeled"}
+    groups = {}
+    for r in rows:
+        if r.get("arm") == "bcp" and key(r) in latest_labeled:
+            group = (r["k"], json.dumps(r["settings"], sort_keys=True), r["iterations"], r["test_set"])
+            groups.setdefault(group, {})[key(r)] = (latest_labeled[key(r)], r)
+
+    def recipe(b):
+        same = [r for r in rows if r.get("arm") == "bcp_continue" and (r["k"], r["seed"], r["test_set"]) ==
+                (b["k"], b["seed"], b["test_set"]) and r["from_iterations"] + r["iterations"] == b["iterations"]
+                and all(b["settings"].get(n) == v for n, v in r["settings"].items())]
+        return max(reversed(same), key=lambda r: len(r["settings"])) if same else None  # the closest, latest
+    return [{"k": g[0], "settings": json.loads(g[1]), "iterations": g[2], "test_set": g[3],
+             "pairs": sorted(({"seed": a["seed"], "a": a, "b": b, "recipe": recipe(b)} for a, b in pairs.values()),
+                             key=lambda p: p["seed"])}
+            for g, pairs in sorted(groups.items(), key=str)]
+
+
+def from_scratch_table(group: dict) -> str:
+    """Per seed: nnU-Net and BCP from scratch on the test split, their per-case paired difference, the same on the
+    validation cases, and BCP against the two-command recipe of the same total iterations (another start model: not
+    a paired start); then the means."""
+    settings = " ".join(f"--bcp {n}={json.dumps(v)}" for n, v in sorted(group["settings"].items()))
+    test = "the benchmark's test split" if group["test_set"] == "split" else f"`{group['test_set']}`"
+    lines = [f"**K = {group['k']}, {group['iterations']} iterations from scratch, BCP "
+             f"{'settings `' + settings + '`' if settings else 'as in the paper'}**, scored on {test}. Reproduce: "
+             f"`python examples/benchmark_label_scarce.py run --arm labeled -k {group['k']} --seed S --iterations "
+             f"{group['iterations']}` and `... run --arm bcp -k {group['k']} --seed S --iterations "
+             f"{group['iterations']}{' ' + settings if settings else ''}`", "",
+             "| seed | nnU-Net | BCP | BCP − nnU-Net | per test case [95% bootstrap CI] | BCP better in | "
+             "validation: nnU-Net / BCP | per validation case [95% CI] | two-command recipe (same total) | "
+             "BCP − recipe |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for pair in group["pairs"]:
+        a, b, recipe = pair["a"], pair["b"], pair["recipe"]
+        test_stats = paired_statistics(case_means(a), case_means(b))
+        validation, validation_stats = "–", "–"
+        if "validation_dice_mean" in a and "validation_dice_mean" in b:
+            validation = f"{a['validation_dice_mean']:.4f} / {b['validation_dice_mean']:.4f}"
+            v = paired_statistics(validation_case_means(a), validation_case_means(b))
+            validation_stats = f"{v['mean']:+.4f} [{v['ci'][0]:+.4f}, {v['ci'][1]:+.4f}], {v['better']} of {v['n']}"
+        against = "–", "–"
+        if recipe is not None:
+            r = paired_statistics(case_means(recipe), case_means(b))
+            against = (f"{recipe['dice_mean']:.4f} (`{recipe['run']}`)",
+                       f"{r['mean']:+.4f} [{r['ci'][0]:+.4f}, {r['ci'][1]:+.4f}]")
+        lines.append(f"| {pair['seed']} | {a['dice_mean']:.4f} | {b['dice_mean']:.4f} | "
+                     f"{b['dice_mean'] - a['dice_mean']:+.4f} | {test_stats['mean']:+.4f} [{test_stats['ci'][0]:+.4f}, "
+                     f"{test_stats['ci'][1]:+.4f}] | {test_stats['better']} of {test_stats['n']} | {validation} | "
+                     f"{validation_stats} | {against[0]} | {against[1]} |")
+    pairs = group["pairs"]
+    a_mean, b_mean = (np.mean([p[arm]["dice_mean"] for p in pairs]) for arm in "ab")
+    recipes = [p["recipe"]["dice_mean"] for p in pairs if p["recipe"] is not None]
+    recipe_mean = (f"{np.mean(recipes):.4f} ({len(recipes)} of {len(pairs)} seeds)", "") if recipes else ("–", "")
+    if len(recipes) == len(pairs):
+        recipe_mean = (recipe_mean[0], f"{b_mean - np.mean(recipes):+.4f}")
+    lines.append(f"| mean of {len(pairs)} | {a_mean:.4f} | {b_mean:.4f} | {b_mean - a_mean:+.4f} | | | | | "
+                 f"{recipe_mean[0]} | {recipe_mean[1]} |")
+    return "\n".join(lines)
+
+
 def validation_case_means(row: dict) -> dict:
     """Per validation case: the mean Dice over the classes (``{}`` for rows without validation figures)."""
     return {case: float(np.nanmean(list(dice.values())))
@@ -828,6 +895,10 @@ def table(args):
              "on)", candidates_table(groups) if groups else "No paired runs yet.",
              "### Paired comparison on the test split: BCP vs labeled-only, both continued from L"]
     parts += [comparison_table(g) for g in groups] or ["No paired runs yet."]
+    scratch = from_scratch_comparisons(seeded)
+    if scratch:
+        parts += ["### From scratch at the same iterations: BCP (e.g. the one command) against nnU-Net"]
+        parts += [from_scratch_table(g) for g in scratch]
     parts += ["### Every run", runs_table(seeded) if seeded else "No runs yet."]
     if earlier:
         parts += ["### Earlier, from scratch (one label subset, seed 0; run names without the seed)",

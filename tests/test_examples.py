@@ -200,6 +200,33 @@ def test_benchmark_table_and_figure_from_results(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_benchmark_table_pairs_bcp_from_scratch_with_nnunet_at_the_same_iterations(tmp_path):
+    """The one command's evidence: BCP from scratch against nnU-Net from scratch of the same seed and iterations, per
+    test and validation case, beside the two-command recipe of the same total iterations whose settings it has."""
+    bench = _load("benchmark_label_scarce")
+    one_command = {"bcp_labeled_loss_weight": 1, "bcp_stage_one": "nnunet"}
+    rows = [_fake_row(bench, "labeled", 2, 0, 0.80, 2000, validation=0.70),
+            _fake_row(bench, "bcp", 2, 0, 0.83, 2000, settings=one_command, validation=0.73),
+            _fake_row(bench, "labeled", 2, 1, 0.78, 2000),
+            _fake_row(bench, "bcp", 2, 1, 0.80, 2000, settings=one_command),
+            _fake_row(bench, "bcp", 2, 2, 0.90, 2000, settings=one_command),  # no nnU-Net run of its seed
+            _fake_row(bench, "bcp_continue", 2, 0, 0.82, 1000, 1000, {"bcp_labeled_loss_weight": 1}),
+            _fake_row(bench, "bcp_continue", 2, 0, 0.77, 1000, 1000),  # the paper's loss: fewer of its settings
+            _fake_row(bench, "bcp_continue", 2, 1, 0.99, 1000, 1000, {"bcp_alpha": 0.3})]  # not its settings
+    results, docs = str(tmp_path / "r.jsonl"), str(tmp_path / "b.md")
+    for row in rows:
+        bench.append_row(results, row)
+    bench.table(argparse.Namespace(results=results, docs=docs))
+    text = open(docs).read().split("### From scratch at the same iterations")[1].split("### Every run")[0]
+    recipe = bench.run_name("bcp_continue", 2, 0, 1000, {"bcp_labeled_loss_weight": 1}, "labeled_k2_s0")
+    assert (f"| 0 | 0.8000 | 0.8300 | +0.0300 | +0.0300 [+0.0300, +0.0300] | 10 of 10 | 0.7000 / 0.7300 | "
+            f"+0.0300 [+0.0300, +0.0300], 4 of 4 | 0.8200 (`{recipe}`) | +0.0100 [+0.0100, +0.0100] |") in text
+    assert "| 1 | 0.7800 | 0.8000 | +0.0200 | +0.0200 [+0.0200, +0.0200] | 10 of 10 | – | – | – | – |" in text
+    assert "| mean of 2 | 0.7900 | 0.8150 | +0.0250 | | | | | 0.8200 (1 of 2 seeds) |  |" in text
+    assert "0.9000" not in text and "0.9900" not in text and "0.7700" not in text
+    assert "--iterations 2000 --bcp bcp_labeled_loss_weight=1 --bcp bcp_stage_one=\"nnunet\"`" in text
+
+
 def test_benchmark_pairs_only_runs_from_the_same_labeled_model():
     """A later session retrains L under the same name: its (a) must not be paired with an earlier session's (b), and
     each L's pair stays in the table (on another device, say), with per-device means beside the mean of all."""
