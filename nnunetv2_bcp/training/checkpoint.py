@@ -42,8 +42,8 @@ def load_checkpoint_without_code(path: str, map_location="cpu", mmap: bool = Fal
         except pickle.UnpicklingError:
             allowed = {f"{g.__module__}.{g.__qualname__}" for g in NUMPY_CHECKPOINT_GLOBALS}
             unsafe = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in allowed]
-            raise UntrustedCheckpointError(f"{path} holds objects other than weights and numbers ({', '.join(unsafe)}); "
-                                           f"loading it could run code") from None
+            raise UntrustedCheckpointError(f"{path} holds objects other than weights and numbers "
+                                           f"({', '.join(unsafe)}); loading it could run code") from None
 
 
 def save_atomically(checkpoint: dict, path: str) -> None:

@@ -468,9 +468,11 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
         ids = sorted(labeled)[:LARGEST_COMPONENT_SAMPLE_CASES]
         dataset = self.dataset_class(self.preprocessed_dataset_folder, ids)
         segmentations = (np.asarray(dataset.load_case(i)[1][:])[0] for i in ids)
-        share = single_component_share(segmentations, classes, per_slice=len(self.configuration_manager.patch_size) == 2)
+        per_slice = len(self.configuration_manager.patch_size) == 2
+        share = single_component_share(segmentations, classes, per_slice=per_slice)
+        rounded = {c: None if s is None else round(s, 3) for c, s in share.items()}
         self.print_to_log_file(f"BCP: share of one-component occurrences per class in {len(ids)} labeled cases' "
-                               f"reference labels: {({c: None if s is None else round(s, 3) for c, s in share.items()})}")
+                               f"reference labels: {rounded}")
         return [c for c, s in share.items() if s is not None and s >= SINGLE_COMPONENT_SHARE]
 
     def stage_two_step(self, batch: dict, unlabeled_batch: dict) -> dict:

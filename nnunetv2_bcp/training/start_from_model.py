@@ -59,8 +59,9 @@ def start_from_model(trainer, model_checkpoint: str, allow_pickle: bool = False)
         raise SystemExit(f"ERROR ({name}): {model_checkpoint}: no such checkpoint")
     existing = sorted(glob.glob(join(glob.escape(trainer.output_folder), "checkpoint_*.pth")))
     if existing:
-        raise SystemExit(f"ERROR ({name}): {trainer.output_folder} already holds {[os.path.basename(f) for f in existing]}"
-                         f"; continue it with nnUNetv2_train ... --c, or remove them to start again from the model")
+        raise SystemExit(f"ERROR ({name}): {trainer.output_folder} already holds "
+                         f"{[os.path.basename(f) for f in existing]}; continue it with nnUNetv2_train ... --c, or "
+                         f"remove them to start again from the model")
     if allow_pickle:
         checkpoint = torch.load(model_checkpoint, map_location='cpu', weights_only=False)
     else:

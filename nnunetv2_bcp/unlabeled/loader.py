@@ -115,7 +115,8 @@ def unlabeled_augmentation_workers(total: int) -> int:
 
 
 def make_unlabeled_stream(dataset, batch_size: int, initial_patch_size, patch_size, label_manager, transforms,
-                          num_processes: Optional[int] = None, pin_memory: bool = False, seeds: Optional[List[int]] = None):
+                          num_processes: Optional[int] = None, pin_memory: bool = False,
+                          seeds: Optional[List[int]] = None):
     """An endless iterator of augmented unlabeled batches ``{'data', 'target', 'keys'}`` (nnU-Net's augmenters). Its
     worker processes start at the first ``next()``."""
     if num_processes is None:

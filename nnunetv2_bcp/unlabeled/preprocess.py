@@ -1,14 +1,16 @@
 """Preprocess unlabeled images with the configuration's own nnU-Net preprocessor, plans and dataset.json.
 
-Input: ``nnUNet_raw/DatasetXXX/imagesUnlabeled``. Output: ``nnUNet_preprocessed/DatasetXXX/{data_identifier}_unlabeled/``
-(beside, never inside, nnU-Net's folder), in nnU-Net's blosc2 format (``.b2nd``, ``_seg.b2nd`` holding only the
-nonzero mask 0/-1, ``.pkl``) so that nnU-Net's dataset classes read it. ``bcp_unlabeled.json`` records what the data
+Input: ``nnUNet_raw/DatasetXXX/imagesUnlabeled``. Output:
+``nnUNet_preprocessed/DatasetXXX/{data_identifier}_unlabeled/`` (beside, never inside, nnU-Net's folder), in
+nnU-Net's blosc2 format (``.b2nd``, ``_seg.b2nd`` holding only the nonzero mask 0/-1, ``.pkl``) so that nnU-Net's
+dataset classes read it. ``bcp_unlabeled.json`` records what the data
 was made from; data made with other plans or from changed images is stale and redone. Each case is written
 atomically, so an interrupted run resumes where it stopped, and a lock lets several trainings (folds) start at once.
 Training needs only ``nnUNet_preprocessed`` once this is done (:func:`unlabeled_cases_for_training`).
 
 Training cases whose labels a label subset drops are not preprocessed here: nnU-Net's own preprocessed image of
-such a case is the one we would make, so the stream reads it in place (:class:`~nnunetv2_bcp.unlabeled.loader.UnlabeledDataset`).
+such a case is the one we would make, so the stream reads it in place
+(:class:`~nnunetv2_bcp.unlabeled.loader.UnlabeledDataset`).
 """
 import argparse
 import hashlib

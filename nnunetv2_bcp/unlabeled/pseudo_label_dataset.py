@@ -182,8 +182,9 @@ def main(argv=None):
                 join(nnUNet_preprocessed, target, "dataset_fingerprint.json"))
     save_json(target_splits(record), join(nnUNet_preprocessed, target, "splits_final.json"))
     preprocess_dataset(args.t, args.p, (args.c,), (args.np,), show_progress_bar=False)
-    print(f"{target}: {len(record['labeled'])} labeled, {len(record['pseudo_labeled'])} pseudo-labeled training cases, "
-          f"{len(record['val'])} validation cases (fold {args.f}). Train fold {args.f}, e.g. continued from the model:\n"
+    print(f"{target}: {len(record['labeled'])} labeled, {len(record['pseudo_labeled'])} pseudo-labeled training "
+          f"cases, {len(record['val'])} validation cases (fold {args.f}). Train fold {args.f}, e.g. continued from "
+          f"the model:\n"
           f"  nnUNetv2_bcp_start_from_model {args.t} {args.c} {args.f} -tr nnUNetTrainer -p {args.p} -m "
           f"{join(model, f'fold_{args.f}', args.chk)}\n  nnUNetv2_train {args.t} {args.c} {args.f} -p {args.p} --c")
 

@@ -85,7 +85,8 @@ def _geometry_problem(reference: dict, other: dict) -> Optional[str]:
         return f"size {other['size']} differs from channel 0's {reference['size']}"
     for key in ("spacing", "origin", "direction"):
         if not np.allclose(reference[key], other[key], rtol=1e-4, atol=1e-4):
-            return f"{key} {tuple(np.round(other[key], 4))} differs from channel 0's {tuple(np.round(reference[key], 4))}"
+            return (f"{key} {tuple(np.round(other[key], 4))} differs from channel 0's "
+                    f"{tuple(np.round(reference[key], 4))}")
     return None
 
 
