@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from batchgenerators.utilities.file_and_folder_operations import join, load_json
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 
 from conftest import run_cli
 
@@ -108,6 +109,8 @@ def test_compiled_student_with_ema_teacher_survives_checkpoint_and_resume(synthe
     assert isinstance(trainer.network, OptimizedModule), "nnU-Net did not compile the student"
     assert not isinstance(trainer.teacher, OptimizedModule)  # the teacher is a plain fp32 module
     assert trainer.teacher_forward._orig_mod is trainer.teacher  # whose forward pass is compiled like the student's
+    bcp_loss = trainer.bcp_loss.loss if isinstance(trainer.bcp_loss, DeepSupervisionWrapper) else trainer.bcp_loss
+    assert bcp_loss.sums_nnunets_dice  # nnU-Net compiled its Dice module too: the loss still uses its own sums
     trainer.bcp_ema_decay = 0.9
     expected = trainer.teacher.state_dict()[FIRST_CONV].clone()
     for step in range(2):
