@@ -361,6 +361,8 @@ def test_nonfinite_loss_skips_the_step_names_the_cases_and_keeps_the_teacher(tra
     taken = trainer.stage_two_step(*_batches(trainer, 1))
     trainer.on_train_epoch_end([out, taken])
     assert trainer.logger.get_value("train_losses", step=None)[-1] == pytest.approx(float(taken["loss"]))
+    trainer.on_train_epoch_end([{"loss": np.array(float("nan"))}, taken])  # a step that ran (nnU-Net's, stage 1)
+    assert np.isnan(trainer.logger.get_value("train_losses", step=None)[-1])
     trainer.bcp_max_nonfinite_steps = 2
     trainer.bcp_nonfinite_in_a_row = 1
     with pytest.raises(FloatingPointError, match="2 non-finite steps in a row"):

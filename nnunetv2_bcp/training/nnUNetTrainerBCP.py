@@ -50,6 +50,7 @@ MAX_PRETRAIN_FRACTION_WITH_RESTART = 0.75
 # for a class of many instances (lesions, nodules) the filter would train every other instance as background.
 SINGLE_COMPONENT_SHARE = 0.5
 LARGEST_COMPONENT_SAMPLE_CASES = 100
+SKIPPED_STEP = 'bcp_skipped'  # marks the output of a step whose update was skipped
 
 
 # The settings of the stage-2 method that a resumed run (--c) keeps from its checkpoint, so that it ends as it began
@@ -172,12 +173,12 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
         """The unlabeled cases of this fold: (folder of the preprocessed ``imagesUnlabeled`` cases, their keys, the
         fold's training cases whose labels the label subset drops, read from nnU-Net's own preprocessed folder).
         Brings the preprocessed unlabeled data up to date where the raw images are there."""
+        subset = self._label_subset_of_fold()  # a missing or wrong subset file stops here, before preprocessing
         raw = self._raw_dataset_folder()
         folder, keys = unlabeled_cases_for_training(
             self.plans_manager.plans, self.configuration_name, self.dataset_json, raw,
             self.preprocessed_dataset_folder_base, num_processes=max(1, get_allowed_n_proc_DA()),
             verbose=self.local_rank == 0, log=self.print_to_log_file)
-        subset = self._label_subset_of_fold()
         label_dropped = subset["unlabeled"] if subset is not None else []
         if not keys and not label_dropped:
             where = join(raw or f"nnUNet_raw/{self.plans_manager.dataset_name}", UNLABELED_FOLDER) + \
@@ -588,14 +589,14 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
         if self.bcp_nonfinite_in_a_row >= self.bcp_max_nonfinite_steps:
             raise FloatingPointError(f"{message}. {self.bcp_nonfinite_in_a_row} non-finite steps in a row: "
                                      f"stopping; check these cases and the learning rate")
-        return {'loss': np.array(float("nan")),
+        return {'loss': np.array(float("nan")), SKIPPED_STEP: True,
                 'bcp': skipped_step_figures(len(self._foreground_classes()), self.device)}
 
     def on_train_epoch_end(self, train_outputs: List[dict]):
         steps = [o.pop('bcp') for o in train_outputs if 'bcp' in o]  # nnU-Net's collate_outputs takes no tensors
-        # the epoch's loss is that of the steps taken: a skipped step (said in the log) would make it NaN. Every rank
-        # skips the same steps, so nnU-Net's gathering under DDP sees as many losses on each
-        taken = [o for o in train_outputs if np.all(np.isfinite(o['loss']))]
+        # the epoch's loss is that of the steps taken: a step skipped here (said in the log) would make it NaN, while
+        # a NaN of a step that ran (nnU-Net's own stage-1 step) stays in it
+        taken = [o for o in train_outputs if not o.pop(SKIPPED_STEP, False)]
         super().on_train_epoch_end(taken or train_outputs)
         if not self.in_stage_two():
             if self.bcp_pretrain_min_dice and self.current_epoch + 1 >= self.pretrain_epochs():
