@@ -123,12 +123,12 @@ class _BenchInference:
 
 class _AtomicCheckpoints:
     """A run killed while it saves keeps its previous checkpoint to resume from (nnU-Net's own save writes in place;
-    BCP trainers save atomically already)."""
+    the plugin's trainers save atomically already)."""
     def save_checkpoint(self, filename: str) -> None:
         save_nnunet_checkpoint_with(super().save_checkpoint, filename, {})
 
 
-class BenchLabeled(_BenchInference, _AtomicCheckpoints, nnUNetTrainerLabelSubset):
+class BenchLabeled(_BenchInference, nnUNetTrainerLabelSubset):  # saves atomically already
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         _schedule(self)

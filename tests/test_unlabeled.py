@@ -17,8 +17,8 @@ from batchgenerators.utilities.file_and_folder_operations import join, load_json
 from conftest import run_cli
 from nnunetv2_bcp.unlabeled.label_subset import LABEL_SUBSET_FILE, choose_label_subset, load_label_subset
 from nnunetv2_bcp.unlabeled.preprocess import (MANIFEST_FILE, _preprocessed_configurations, collect_unlabeled_sources,
-                                               preprocess_unlabeled, unlabeled_cases_for_training,
-                                               unlabeled_data_folder)
+                                               config_fingerprint, preprocess_unlabeled, preprocessed_unlabeled_cases,
+                                               unlabeled_cases_for_training, unlabeled_data_folder)
 from nnunetv2_bcp.unlabeled.raw import UnlabeledDataError
 
 
@@ -107,6 +107,16 @@ def test_configurations_sharing_their_data_share_the_unlabeled_data(dataset_copy
     _run(ds)
     assert mtimes == {f: os.stat(join(folder, f)).st_mtime_ns for f in mtimes}
     assert _preprocessed_configurations(plans_file) == ["3d_fullres"]
+    # a manifest that holds the fingerprint of the whole configuration (it covers the preprocessing entries) is kept
+    manifest = load_json(join(folder, MANIFEST_FILE))
+    manifest["fingerprint"] = config_fingerprint(ds["plans"], "3d_fullres", ds["dataset_json"], entries=None)
+    save_json(manifest, join(folder, MANIFEST_FILE))
+    assert preprocessed_unlabeled_cases(ds["plans"], "3d_fullres", ds["dataset_json"], ds["preprocessed"])[1] == \
+        sorted(manifest["cases"])
+    _run(ds)
+    assert mtimes == {f: os.stat(join(folder, f)).st_mtime_ns for f in mtimes}
+    assert load_json(join(folder, MANIFEST_FILE))["fingerprint"] == \
+        config_fingerprint(ds["plans"], "3d_fullres", ds["dataset_json"])
 
 
 def test_interrupted_run_resumes(dataset_copy):
@@ -486,16 +496,44 @@ def test_a_label_subset_is_used_only_by_trainers_that_opt_in_said_at_the_start_a
                         "num_label_dropped": len(subset["folds"]["0"]["unlabeled"])}
     assert trainer.bcp_state()["settings"]["label_subset"] == recorded
     log = open(trainer.log_file).read()
-    assert "WARNING: label subset in effect" in log and "nnUNetv2_bcp_label_subset -d Dataset990_BCPSynthetic --remove" in log
-    # a run resumed (--c) after the file changed would go on with other labeled cases: refused
+    assert "WARNING: label subset in effect" in log
+    assert "nnUNetv2_bcp_label_subset -d Dataset990_BCPSynthetic --remove" in log
+
+
+@pytest.mark.parametrize("trainer_name", ["nnUNetTrainerLabelSubset", "nnUNetTrainerBCP_labelSubset"])
+def test_a_run_resumed_after_its_label_subset_changed_is_refused(dataset_copy, trainer_name):
+    """The checkpoints record the subset a run trains on: resumed (--c) after the file changed, the run would go on
+    with other labeled cases; it stops instead, naming both."""
+    from nnunetv2_bcp.training.nnUNetTrainerLabelSubset import nnUNetTrainerLabelSubset
+    from nnunetv2_bcp.training.variant_label_subset import nnUNetTrainerBCP_labelSubset
+    trainer_class = {c.__name__: c for c in (nnUNetTrainerLabelSubset, nnUNetTrainerBCP_labelSubset)}[trainer_name]
+    ds = dataset_copy
+    ids = [f"case_{i:03d}" for i in range(6)]
+    splits = [{"train": ids[:5], "val": ids[5:]}]
+    save_json(splits, join(ds["preprocessed"], "splits_final.json"))
+    path = join(ds["preprocessed"], LABEL_SUBSET_FILE)
+    save_json(choose_label_subset(ids, splits, labeled_cases=ids[:2]), path)
+
+    def new():
+        t = trainer_class(dict(ds["plans"], continue_training=False), "3d_fullres", 0, ds["dataset_json"],
+                          torch.device("cpu"))
+        t.preprocessed_dataset_folder_base = ds["preprocessed"]
+        t.preprocessed_dataset_folder = join(ds["preprocessed"], "nnUNetPlans_3d_fullres")
+        t.initialize()
+        return t
+
+    trainer = new()
+    trainer.get_tr_and_val_datasets()
     checkpoint = join(trainer.output_folder, "checkpoint_latest.pth")
     trainer.save_checkpoint(checkpoint)
-    other = choose_label_subset(ids, splits, labeled_cases=[c for c in ids[:5] if c not in recorded["labeled"]][:2])
-    save_json(other, join(ds["preprocessed"], LABEL_SUBSET_FILE))
-    resumed = new(nnUNetTrainerBCP_labelSubset)
+    resumed = new()
+    resumed.load_checkpoint(checkpoint)
+    assert sorted(resumed.get_tr_and_val_datasets()[0].identifiers) == ids[:2]  # the same file: it goes on
+    save_json(choose_label_subset(ids, splits, labeled_cases=ids[2:4]), path)
+    resumed = new()
     resumed.load_checkpoint(checkpoint)
     with pytest.raises(SystemExit, match=re.escape(f"{LABEL_SUBSET_FILE}: this run started with the labeled cases "
-                                                   f"{recorded['labeled']} and the file now names")):
+                                                   f"{ids[:2]} (3 label-dropped) and the file now names {ids[2:4]}")):
         resumed.get_tr_and_val_datasets()
 
 
@@ -516,8 +554,9 @@ def test_a_trainer_named_for_a_label_subset_refuses_a_missing_or_wrong_one_namin
     trainer.preprocessed_dataset_folder = join(ds["preprocessed"], "nnUNetPlans_3d_fullres")
     trainer.initialize()
     path = join(ds["preprocessed"], LABEL_SUBSET_FILE)
-    with pytest.raises(SystemExit, match=f"ERROR \\({trainer_name}\\): .*{LABEL_SUBSET_FILE} does not exist: create it "
-                                         f"with 'nnUNetv2_bcp_label_subset -d Dataset990_BCPSynthetic -k K'"):
+    with pytest.raises(SystemExit, match=f"ERROR \\({trainer_name}\\): this trainer .*{LABEL_SUBSET_FILE} does not "
+                                         f"exist: create it with 'nnUNetv2_bcp_label_subset -d "
+                                         f"Dataset990_BCPSynthetic -k K'"):
         trainer.get_tr_and_val_datasets()
     save_json({"folds": {"0": {"labeled": ["case_005"], "unlabeled": ids[:5]}}}, path)  # a validation case
     with pytest.raises(SystemExit, match=f"{LABEL_SUBSET_FILE}: labeled cases \\['case_005'\\] are not training cases"):

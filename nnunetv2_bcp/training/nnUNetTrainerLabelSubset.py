@@ -3,6 +3,7 @@ baseline of BCP, and the mixin that BCP shares with it."""
 from batchgenerators.utilities.file_and_folder_operations import isfile
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from nnunetv2_bcp.training.checkpoint import load_checkpoint_without_code, save_nnunet_checkpoint_with
 from nnunetv2_bcp.training.start_from_model import ContinueOnlyWhereStartedFromModel
 from nnunetv2_bcp.unlabeled.label_subset import fold_subset, label_subset_path, load_label_subset
 from nnunetv2_bcp.unlabeled.raw import UnlabeledDataError
@@ -33,7 +34,7 @@ class LabelSubsetMixin:
             return None
         if not isfile(path):
             raise UnlabeledDataError(
-                f"{self.__class__.__name__} trains on the labeled cases of a label subset and {path} does not "
+                f"this trainer trains on the labeled cases of a label subset and {path} does not "
                 f"exist: create it with 'nnUNetv2_bcp_label_subset -d {self.plans_manager.dataset_name} -k K' (or "
                 f"--cases), or train on every label (-tr nnUNetTrainerBCP, or nnUNetTrainer)")
         ids = self.dataset_class.get_identifiers(self.preprocessed_dataset_folder)
@@ -66,10 +67,12 @@ class LabelSubsetMixin:
             self.label_subset_in_use = {"file": path, "fold": str(self.fold), "labeled": list(subset["labeled"]),
                                         "num_label_dropped": len(subset["unlabeled"])}
             started = self.label_subset_of_checkpoint
-            if started is not None and sorted(started["labeled"]) != sorted(subset["labeled"]):
-                raise UnlabeledDataError(f"{path}: this run started with the labeled cases {started['labeled']} and "
-                                         f"the file now names {subset['labeled']}: restore it, or start a new training "
-                                         f"without --c")
+            if started is not None and (sorted(started["labeled"]), started["num_label_dropped"]) != \
+                    (sorted(subset["labeled"]), len(subset["unlabeled"])):
+                raise UnlabeledDataError(
+                    f"{path}: this run started with the labeled cases {started['labeled']} "
+                    f"({started['num_label_dropped']} label-dropped) and the file now names {subset['labeled']} "
+                    f"({len(subset['unlabeled'])} label-dropped): restore it, or start a new training without --c")
             self.print_to_log_file(
                 f"WARNING: label subset in effect ({path}): {len(subset['labeled'])} labeled training cases, "
                 f"{len(subset['unlabeled'])} training cases with their labels dropped. To train on every label, "
@@ -78,4 +81,15 @@ class LabelSubsetMixin:
 
 
 class nnUNetTrainerLabelSubset(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUNetTrainer):
-    """Plain nnU-Net trained only on the labeled cases of the label subset: the labeled-only baseline of BCP."""
+    """Plain nnU-Net trained only on the labeled cases of the label subset: the labeled-only baseline of BCP. Its
+    checkpoints record the subset (a ``label_subset`` entry beside nnU-Net's, written atomically), so that a run
+    resumed after the file changed is refused."""
+
+    def save_checkpoint(self, filename: str) -> None:
+        save_nnunet_checkpoint_with(super().save_checkpoint, filename, {'label_subset': self.label_subset_in_use})
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        super().load_checkpoint(filename_or_checkpoint)
+        if isinstance(filename_or_checkpoint, str):
+            recorded = load_checkpoint_without_code(filename_or_checkpoint, mmap=True)  # weights stay on disk
+            self.label_subset_of_checkpoint = recorded.get('label_subset')
