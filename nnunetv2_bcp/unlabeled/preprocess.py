@@ -59,18 +59,28 @@ def _sha(obj) -> str:
 # (one inheriting another's preprocessing with another batch size or network; the cascade's full resolution) differ
 # only elsewhere, so they share their unlabeled data as they share nnU-Net's.
 PREPROCESSING_ENTRIES = ("data_identifier", "preprocessor_name", "spacing", "normalization_schemes",
-                         "use_mask_for_norm", "resampling_fn_data", "resampling_fn_data_kwargs")
+                         "use_mask_for_norm", "resampling_fn_data", "resampling_fn_data_kwargs", "resampling_fn_seg",
+                         "resampling_fn_seg_kwargs")
 
 
-def config_fingerprint(plans: dict, configuration: str, dataset_json: dict) -> str:
-    """Hash of what decides the preprocessed data: the configuration's preprocessing entries, the global plans
-    entries (transposition, intensity properties, reader), dataset.json, the nnU-Net version and this package's
-    storage format."""
+def config_fingerprint(plans: dict, configuration: str, dataset_json: dict, entries=PREPROCESSING_ENTRIES) -> str:
+    """Hash of what decides the preprocessed data: the configuration's preprocessing ``entries`` (None: all of its
+    resolved entries), the global plans entries (transposition, intensity properties, reader), dataset.json, the
+    nnU-Net version and this package's storage format."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     global_plans = {k: v for k, v in plans.items() if k != "configurations"}
     resolved = PlansManager(plans).get_configuration(configuration).configuration
-    preprocessing = {k: resolved.get(k) for k in PREPROCESSING_ENTRIES}
+    preprocessing = resolved if entries is None else {k: resolved.get(k) for k in entries}
     return _sha([global_plans, preprocessing, dataset_json, version("nnunetv2"), FORMAT_VERSION])
+
+
+def made_with_this_preprocessing(fingerprint: Optional[str], plans: dict, configuration: str,
+                                 dataset_json: dict) -> bool:
+    """Whether data recorded with ``fingerprint`` was made by this configuration's preprocessing: its fingerprint,
+    or that of the whole resolved configuration, which covers every preprocessing entry and which some manifests
+    hold (their data is kept, not redone)."""
+    return fingerprint in (config_fingerprint(plans, configuration, dataset_json),
+                           config_fingerprint(plans, configuration, dataset_json, entries=None))
 
 
 def source_signature(files: List[str]) -> str:
@@ -190,8 +200,11 @@ def preprocess_unlabeled(plans: dict, configuration: str, dataset_json: dict, ra
     manifest_path = join(output_folder, MANIFEST_FILE)
     with folder_lock(join(preprocessed_dataset_folder, f".{data_identifier}_unlabeled.lock")):
         manifest = load_json(manifest_path) if isfile(manifest_path) else {}
-        if manifest.get("fingerprint") != fingerprint:
+        if not made_with_this_preprocessing(manifest.get("fingerprint"), plans, configuration, dataset_json):
             manifest = {"fingerprint": fingerprint, "configuration": configuration, "cases": {}}
+        elif manifest["fingerprint"] != fingerprint:
+            manifest["fingerprint"] = fingerprint
+            _write_json_atomic(manifest, manifest_path)
         for name in os.listdir(output_folder):  # leftovers of killed runs
             if name.startswith(".tmp_"):
                 shutil.rmtree(join(output_folder, name), ignore_errors=True)
@@ -245,7 +258,7 @@ def preprocessed_unlabeled_cases(plans: dict, configuration: str, dataset_json: 
     manifest = load_json(manifest_path)
     redo = (f"; rerun nnUNetv2_bcp_preprocess_unlabeled (or the training) where nnUNet_raw/"
             f"{os.path.basename(preprocessed_dataset_folder)}/{UNLABELED_FOLDER} is available")
-    if manifest.get("fingerprint") != config_fingerprint(plans, configuration, dataset_json):
+    if not made_with_this_preprocessing(manifest.get("fingerprint"), plans, configuration, dataset_json):
         raise UnlabeledDataError(f"{folder}: the unlabeled cases were preprocessed with other plans, dataset.json or "
                                  f"nnU-Net version than this training's, and the raw images are not here to redo "
                                  f"them{redo}")
