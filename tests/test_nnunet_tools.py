@@ -233,7 +233,8 @@ def test_cross_validation_to_a_model_for_plain_nnunet(nnunet_dirs, tmp_path):
 
 # ---------------------------------------------------------------- offline pseudo-labels (the maintainers' recipe)
 @pytest.mark.heavy(5)
-def test_pseudo_label_dataset_predicts_the_unlabeled_cases_and_continues_the_model(nnunet_dirs, tmp_path):
+def test_pseudo_label_dataset_predicts_the_unlabeled_cases_and_continues_the_model(nnunet_dirs, tmp_path,
+                                                                                  monkeypatch):
     from nnunetv2_bcp.demo.synthetic import make_synthetic_dataset
     source_id, target_id = "971", "972"
     raw = make_synthetic_dataset(nnunet_dirs["nnUNet_raw"], int(source_id), "Pseudo", num_labeled=5,
@@ -290,6 +291,17 @@ def test_pseudo_label_dataset_predicts_the_unlabeled_cases_and_continues_the_mod
         main([*command[1:], "-t", "974", "-tname", "Foreign"])
     assert isfile(join(raw, "dataset.json")) and os.path.isdir(foreign)
     refuse_to_replace(raw, target_raw)  # its own earlier output may be replaced
+    # a run that fails while predicting leaves a folder that the next run may replace
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("stopped while predicting")
+    monkeypatch.setattr(nnUNetPredictor, "initialize_from_trained_model_folder", fail)
+    with pytest.raises(RuntimeError, match="stopped while predicting"):
+        main([*command[1:], "-t", "975", "-tname", "Stopped"])
+    stopped = join(nnunet_dirs["nnUNet_raw"], "Dataset975_Stopped")
+    assert load_json(join(stopped, "bcp_pseudo_labels.json"))["complete"] is False
+    refuse_to_replace(raw, stopped)
     shutil.rmtree(join(raw, "imagesUnlabeled"))
     with pytest.raises(SystemExit, match="has no unlabeled images for fold 0"):
         main([*command[1:], "-t", "973"])

@@ -106,6 +106,9 @@ def write_pseudo_label_dataset(source_raw: str, source_preprocessed: str, target
     shutil.rmtree(target_raw, ignore_errors=True)
     maybe_mkdir_p(images)
     maybe_mkdir_p(labels)
+    # the folder is this command's from now on: a run that fails or is stopped before the end may be run again
+    save_json({"source": os.path.basename(os.path.normpath(source_raw)), "complete": False},
+              join(target_raw, RECORD_FILE), sort_keys=False)
     for case in cases["labeled"] + cases["val"]:
         for channel, path in enumerate(training[case]["images"]):
             _link(path, join(images, f"{case}_{channel:04d}{ending}"))
@@ -128,8 +131,8 @@ def write_pseudo_label_dataset(source_raw: str, source_preprocessed: str, target
     target_json = {**dataset_json, "numTraining": len(cases["labeled"]) + len(cases["val"]) + len(names),
                    "description": f"{dataset_json.get('name', '')}: labels + pseudo-labels of {checkpoint}"}
     save_json(target_json, join(target_raw, "dataset.json"), sort_keys=False)
-    record = {"source": os.path.basename(os.path.normpath(source_raw)), "model": os.path.abspath(checkpoint),
-              "fold": fold, "use_mirroring": use_mirroring, "labeled": cases["labeled"], "val": cases["val"],
+    record = {"source": os.path.basename(os.path.normpath(source_raw)), "complete": True,
+              "model": os.path.abspath(checkpoint), "fold": fold, "use_mirroring": use_mirroring, "labeled": cases["labeled"], "val": cases["val"],
               "pseudo_labeled": names}
     save_json(record, join(target_raw, RECORD_FILE), sort_keys=False)
     return record
