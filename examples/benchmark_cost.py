@@ -29,18 +29,22 @@ import time
 
 import numpy as np
 import torch
-from batchgenerators.utilities.file_and_folder_operations import join, load_json
+from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
 
 from nnunetv2_bcp.bcp import is_compiled
 from nnunetv2_bcp.training.nnUNetTrainerBCP import STAGE_TWO_SETTINGS
 
 
-def trainer_class(kind: str):
-    """nnU-Net's trainer ("plain"), or BCP with the plugin's defaults ("bcp") taking its unlabeled cases from
-    imagesUnlabeled or from a label subset (the device check's data has only the latter)."""
+def trainer_class(kind: str, preprocessed_folder: str):
+    """nnU-Net's trainer ("plain"), or BCP with the plugin's defaults ("bcp"): on the dataset's label subset where it
+    has one (the device check's data), else on every label with its imagesUnlabeled."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2_bcp.training.nnUNetTrainerBCP import nnUNetTrainerBCP
     from nnunetv2_bcp.training.variant_label_subset import nnUNetTrainerBCP_labelSubset
-    return nnUNetTrainerBCP_labelSubset if kind == "bcp" else nnUNetTrainer
+    from nnunetv2_bcp.unlabeled.label_subset import label_subset_path
+    if kind != "bcp":
+        return nnUNetTrainer
+    return nnUNetTrainerBCP_labelSubset if isfile(label_subset_path(preprocessed_folder)) else nnUNetTrainerBCP
 
 
 def _trainer(kind: str, args):
@@ -49,7 +53,7 @@ def _trainer(kind: str, args):
     folder = join(nnUNet_preprocessed, maybe_convert_to_dataset_name(args.d))
     plans = load_json(join(folder, args.p + ".json"))
     plans["continue_training"] = False
-    cls = trainer_class(kind)
+    cls = trainer_class(kind, folder)
     fold = args.f if args.f == "all" else int(args.f)
     trainer = cls(plans, args.c, fold, load_json(join(folder, "dataset.json")), torch.device(args.device))
     if kind == "bcp":

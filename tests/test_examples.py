@@ -595,16 +595,20 @@ def test_benchmark_bcp_runs_train_the_papers_configuration_changed_by_their_sett
     assert changed.save_every == 10 and on_cpu.save_every == 1
 
 
-def test_cost_benchmark_times_bcp_on_a_label_subset_as_the_device_check_has():
+def test_cost_benchmark_times_bcp_on_a_label_subset_as_the_device_check_has(tmp_path):
     """The device check's data (examples/device/make_cost_data.py) has a label subset and no imagesUnlabeled: the
-    cost benchmark's BCP trainer must opt in to the subset, or it refuses to train (a full run of the benchmark on
-    such a copy of Dataset990 takes a minute here; run by hand, see docs/benchmarks.md)."""
+    cost benchmark's BCP trainer must opt in to the subset there, or it refuses to train, and must not where there
+    is none (a trainer named for a subset stops without one). A full run of the benchmark on such a copy of
+    Dataset990 takes a minute here; run by hand, see docs/benchmarks.md."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2_bcp import nnUNetTrainerBCP
+    from nnunetv2_bcp.unlabeled.label_subset import LABEL_SUBSET_FILE
     cost = _load("benchmark_cost")
-    bcp = cost.trainer_class("bcp")
+    assert cost.trainer_class("bcp", str(tmp_path)) is nnUNetTrainerBCP
+    (tmp_path / LABEL_SUBSET_FILE).write_text("{}")
+    bcp = cost.trainer_class("bcp", str(tmp_path))
     assert issubclass(bcp, nnUNetTrainerBCP) and bcp.uses_label_subset
-    assert cost.trainer_class("plain") is nnUNetTrainer
+    assert cost.trainer_class("plain", str(tmp_path)) is nnUNetTrainer
 
 
 def test_cost_benchmark_counts_the_operators_of_a_step_by_source():
