@@ -461,6 +461,22 @@ def test_raw_folder_without_unlabeled_images_uses_the_manifest(dataset_copy):
         unlabeled_cases_for_training(ds["plans"], "3d_fullres", ds["dataset_json"], ds["raw"], ds["preprocessed"])
 
 
+def _initialized_trainer(trainer_class, ds):
+    """A trainer of fold 0 of the private dataset copy, initialised (nothing trained)."""
+    t = trainer_class(dict(ds["plans"], continue_training=False), "3d_fullres", 0, ds["dataset_json"],
+                      torch.device("cpu"))
+    t.preprocessed_dataset_folder_base = ds["preprocessed"]
+    t.preprocessed_dataset_folder = join(ds["preprocessed"], "nnUNetPlans_3d_fullres")
+    t.initialize()
+    return t
+
+
+def _label_subset_trainer_class(name):
+    from nnunetv2_bcp.training.nnUNetTrainerLabelSubset import nnUNetTrainerLabelSubset
+    from nnunetv2_bcp.training.variant_label_subset import nnUNetTrainerBCP_labelSubset
+    return {c.__name__: c for c in (nnUNetTrainerLabelSubset, nnUNetTrainerBCP_labelSubset)}[name]
+
+
 def test_a_label_subset_is_used_only_by_trainers_that_opt_in_said_at_the_start_and_recorded(dataset_copy):
     """A subset file left in the preprocessed folder must not turn later trainings into label-scarce ones: only the
     trainers named for it use it (each start says so in the log, and BCP records it in bcp_settings.json and its
@@ -474,20 +490,12 @@ def test_a_label_subset_is_used_only_by_trainers_that_opt_in_said_at_the_start_a
     subset = choose_label_subset(ids, splits, num_labeled=2, seed=1)
     save_json(subset, join(ds["preprocessed"], LABEL_SUBSET_FILE))
 
-    def new(trainer_class):
-        t = trainer_class(dict(ds["plans"], continue_training=False), "3d_fullres", 0, ds["dataset_json"],
-                          torch.device("cpu"))
-        t.preprocessed_dataset_folder_base = ds["preprocessed"]
-        t.preprocessed_dataset_folder = join(ds["preprocessed"], "nnUNetPlans_3d_fullres")
-        t.initialize()
-        return t
-
-    every_label = new(nnUNetTrainerBCP)
+    every_label = _initialized_trainer(nnUNetTrainerBCP, ds)
     training, _ = every_label.get_tr_and_val_datasets()
     assert sorted(training.identifiers) == ids[:5] and every_label.bcp_settings()["label_subset"] is None
     assert every_label._label_subset_of_fold() is None  # no label-dropped cases in its unlabeled stream either
     assert "leaves the label subset" in open(every_label.log_file).read()
-    trainer = new(nnUNetTrainerBCP_labelSubset)
+    trainer = _initialized_trainer(nnUNetTrainerBCP_labelSubset, ds)
     training, _ = trainer.get_tr_and_val_datasets()
     assert sorted(training.identifiers) == subset["folds"]["0"]["labeled"]
     recorded = trainer.bcp_settings()["label_subset"]
@@ -504,9 +512,7 @@ def test_a_label_subset_is_used_only_by_trainers_that_opt_in_said_at_the_start_a
 def test_a_run_resumed_after_its_label_subset_changed_is_refused(dataset_copy, trainer_name):
     """The checkpoints record the subset a run trains on: resumed (--c) after the file changed, the run would go on
     with other labeled cases; it stops instead, naming both."""
-    from nnunetv2_bcp.training.nnUNetTrainerLabelSubset import nnUNetTrainerLabelSubset
-    from nnunetv2_bcp.training.variant_label_subset import nnUNetTrainerBCP_labelSubset
-    trainer_class = {c.__name__: c for c in (nnUNetTrainerLabelSubset, nnUNetTrainerBCP_labelSubset)}[trainer_name]
+    trainer_class = _label_subset_trainer_class(trainer_name)
     ds = dataset_copy
     ids = [f"case_{i:03d}" for i in range(6)]
     splits = [{"train": ids[:5], "val": ids[5:]}]
@@ -514,23 +520,15 @@ def test_a_run_resumed_after_its_label_subset_changed_is_refused(dataset_copy, t
     path = join(ds["preprocessed"], LABEL_SUBSET_FILE)
     save_json(choose_label_subset(ids, splits, labeled_cases=ids[:2]), path)
 
-    def new():
-        t = trainer_class(dict(ds["plans"], continue_training=False), "3d_fullres", 0, ds["dataset_json"],
-                          torch.device("cpu"))
-        t.preprocessed_dataset_folder_base = ds["preprocessed"]
-        t.preprocessed_dataset_folder = join(ds["preprocessed"], "nnUNetPlans_3d_fullres")
-        t.initialize()
-        return t
-
-    trainer = new()
+    trainer = _initialized_trainer(trainer_class, ds)
     trainer.get_tr_and_val_datasets()
     checkpoint = join(trainer.output_folder, "checkpoint_latest.pth")
     trainer.save_checkpoint(checkpoint)
-    resumed = new()
+    resumed = _initialized_trainer(trainer_class, ds)
     resumed.load_checkpoint(checkpoint)
     assert sorted(resumed.get_tr_and_val_datasets()[0].identifiers) == ids[:2]  # the same file: it goes on
     save_json(choose_label_subset(ids, splits, labeled_cases=ids[2:4]), path)
-    resumed = new()
+    resumed = _initialized_trainer(trainer_class, ds)
     resumed.load_checkpoint(checkpoint)
     with pytest.raises(SystemExit, match=re.escape(f"{LABEL_SUBSET_FILE}: this run started with the labeled cases "
                                                    f"{ids[:2]} (3 label-dropped) and the file now names {ids[2:4]}")):
@@ -542,17 +540,11 @@ def test_a_trainer_named_for_a_label_subset_refuses_a_missing_or_wrong_one_namin
     """Without its subset file such a trainer would train on every label in a folder named for a subset; a file
     that names cases outside the fold's training cases or lacks a fold's lists is refused before training, with the
     file named and no stack trace."""
-    from nnunetv2_bcp.training.nnUNetTrainerLabelSubset import nnUNetTrainerLabelSubset
-    from nnunetv2_bcp.training.variant_label_subset import nnUNetTrainerBCP_labelSubset
-    trainer_class = {c.__name__: c for c in (nnUNetTrainerLabelSubset, nnUNetTrainerBCP_labelSubset)}[trainer_name]
+    trainer_class = _label_subset_trainer_class(trainer_name)
     ds = dataset_copy
     ids = [f"case_{i:03d}" for i in range(6)]
     save_json([{"train": ids[:5], "val": ids[5:]}], join(ds["preprocessed"], "splits_final.json"))
-    trainer = trainer_class(dict(ds["plans"], continue_training=False), "3d_fullres", 0, ds["dataset_json"],
-                            torch.device("cpu"))
-    trainer.preprocessed_dataset_folder_base = ds["preprocessed"]
-    trainer.preprocessed_dataset_folder = join(ds["preprocessed"], "nnUNetPlans_3d_fullres")
-    trainer.initialize()
+    trainer = _initialized_trainer(trainer_class, ds)
     path = join(ds["preprocessed"], LABEL_SUBSET_FILE)
     with pytest.raises(SystemExit, match=f"ERROR \\({trainer_name}\\): this trainer .*{LABEL_SUBSET_FILE} does not "
                                          f"exist: create it with 'nnUNetv2_bcp_label_subset -d "
