@@ -6,6 +6,9 @@ offline pseudo-labels, on the paper's labeled patients.
     python examples/benchmark_acdc.py prepare --acdc ../shared/data/ACDC -w bench_acdc --batch-size 4
     # the arms of one labeled set, in order (L first; each row is appended as it lands; a stopped run resumes)
     python examples/benchmark_acdc.py protocol -w bench_acdc --labeled-set paper3 --iterations 1000
+    # the same from a converged L: L's budgets double from 1000 until the doubling gains < 0.01 validation Dice
+    python examples/benchmark_acdc.py protocol -w bench_acdc --labeled-set paper3 --from-iterations converged \
+        --iterations 300
     # one arm on its own
     python examples/benchmark_acdc.py run -w bench_acdc --arm labeled --labeled-set paper3 --iterations 2000
     python examples/benchmark_acdc.py run -w bench_acdc --arm pseudo_continue --labeled-set paper3
@@ -70,6 +73,9 @@ ARM_TRAINERS = {"labeled": "BenchLabeled", "labeled_continue": "BenchLabeled", "
                 "pseudo_continue": "BenchCeiling", "bcp": "BenchBCP", "ceiling": "BenchCeiling"}
 # BenchBCP trains the paper's configuration changed by its settings: common.plugin_defaults make it the plugin's
 PLUGIN_DEFAULTS = common.PLUGIN_DEFAULTS
+# L's budget search (``protocol --from-iterations converged``): budgets double; L is converged at the smallest budget
+# whose doubling gains less than this in mean validation Dice
+CONVERGENCE_GAIN = 0.01
 
 
 # ------------------------------------------------------------------------------------------------------- data
@@ -575,15 +581,79 @@ def run(args) -> dict:
 
 
 
+def converged_budget(validation_dice: dict, start: int) -> tuple:
+    """The reading rule of L's budget search, on ``{iterations: mean validation Dice}`` of L's trained so far, whose
+    budgets double from ``start``: ``(budget, None)`` for the converged L, the smallest budget whose doubling gains
+    less than ``CONVERGENCE_GAIN``; ``(None, budget)`` for the budget to train next."""
+    budget = start
+    while budget in validation_dice:
+        doubled = 2 * budget
+        if doubled not in validation_dice:
+            return None, doubled
+        if validation_dice[doubled] - validation_dice[budget] < CONVERGENCE_GAIN:
+            return budget, None
+        budget = doubled
+    return None, budget
+
+
+def labeled_validation_dice(args) -> dict:
+    """``{iterations: mean validation Dice}`` of the set's L's of this series: the rows of ``--results`` and the
+    models kept in the work folder (a GPU machine's results file starts empty at each call, its models stay)."""
+    rows = common.load_rows(args.results) + [load_json(join(args.work_dir, "models", name, "result.json"))
+                                             for name in sorted(os.listdir(join(args.work_dir, "models")))
+                                             if common.model_done(args.work_dir, name)] \
+        if os.path.isdir(join(args.work_dir, "models")) else common.load_rows(args.results)
+    return {row["iterations"]: row["validation_dice_mean"] for row in rows if row["arm"] == "labeled"
+            and row.get("labeled_set") == args.labeled_set and series(row) == args.name_suffix}
+
+
+def search_converged_labeled(args, base: list) -> int:
+    """Train L at doubling budgets from ``--search-start`` until the reading rule (converged_budget) finds the
+    converged one, one budget at a time (``--jobs 1``: each only when the rule needs it) or every budget up to
+    ``--search-max`` at once (``--jobs`` > 1, a GPU); the converged budget, or SystemExit if ``--search-max`` is
+    reached first."""
+    while True:
+        dice = labeled_validation_dice(args)
+        trail = ", ".join(f"{b} it {dice[b]:.4f}" for b in sorted(dice) if b >= args.search_start)
+        converged, next_budget = converged_budget(dice, args.search_start)
+        if converged:
+            print(f"L of {args.labeled_set}: {trail}; converged at {converged} iterations (its doubling gains less "
+                  f"than {CONVERGENCE_GAIN})", flush=True)
+            return converged
+        trail = trail or "none trained yet"
+        if next_budget > args.search_max:
+            raise SystemExit(f"L of {args.labeled_set}: {trail}; not converged by --search-max {args.search_max}")
+        missing = [next_budget]
+        while args.jobs > 1 and missing[-1] * 2 <= args.search_max:
+            missing.append(missing[-1] * 2)
+        jobs = [_labeled_job(args, base, b) for b in missing if not common.model_done(args.work_dir,
+                                                                                      _labeled_job(args, base, b)[0])]
+        print(f"L of {args.labeled_set}: {trail}; not converged: training {', '.join(map(str, missing))}", flush=True)
+        if args.dry_run:
+            common.run_jobs(jobs, len(jobs), args.work_dir, dry_run=True)
+            raise SystemExit(0)
+        failed = common.run_jobs(jobs, len(jobs), args.work_dir)
+        if failed:
+            raise SystemExit(f"L failed: see {join(args.work_dir, failed[0])}.out and .log")
+
+
+def _labeled_job(args, base: list, iterations: int) -> tuple:
+    return (run_name("labeled", args.labeled_set, iterations, suffix=args.name_suffix),
+            base + ["--arm", "labeled", "--iterations", str(iterations)])
+
+
 def protocol(args):
-    """One labeled set: L (trained first if missing), then (a), (b), (c), then (d) and (e) at L's + (a)'s iterations,
-    up to ``--jobs`` at once (each a ``run`` subprocess, its output in ``<work>/<run>.out``); finished runs are
-    skipped, a stopped one resumes."""
+    """One labeled set: L (trained first if missing; ``--from-iterations converged``: the budget search), then (a),
+    (b), (c), then (d) and (e) at L's + (a)'s iterations, up to ``--jobs`` at once (each a ``run`` subprocess, its
+    output in ``<work>/<run>.out``); finished runs are skipped, a stopped one resumes."""
     base = [sys.executable, os.path.abspath(__file__), "run", "-w", args.work_dir, "--labeled-set", args.labeled_set,
             "--device", args.device, "--results", args.results, "--predictions", args.predictions,
             "--iterations-per-epoch", str(args.iterations_per_epoch), "--name-suffix", args.name_suffix]
     if args.test_images:
         base += ["--test-images", args.test_images]
+    if args.from_iterations == "converged":
+        args.from_iterations = search_converged_labeled(args, base)
+    args.from_iterations = int(args.from_iterations)
     total = args.from_iterations + args.iterations
     planned = [("labeled", args.from_iterations)] + [(arm, args.iterations) for arm in CONTINUE_ARMS
                                                       if arm in args.arms] \
@@ -849,7 +919,11 @@ def main():
     o = sub.add_parser("protocol")
     o.add_argument("--labeled-set", default="paper3")
     o.add_argument("--iterations", type=int, default=1000, help="iterations of each continuation [1000]")
-    o.add_argument("--from-iterations", type=int, default=1000, help="iterations of L [1000]")
+    o.add_argument("--from-iterations", default="1000",
+                   help="iterations of L, or 'converged': L's budget search (doubling from --search-start until "
+                        f"the doubling gains less than {CONVERGENCE_GAIN} mean validation Dice) [1000]")
+    o.add_argument("--search-start", type=int, default=1000, help="the search's first budget [1000]")
+    o.add_argument("--search-max", type=int, default=16000, help="the search's largest budget [16000]")
     o.add_argument("--arms", nargs="+", default=list(ARMS[1:]), choices=ARMS[1:], help="[all]")
     o.add_argument("--jobs", type=int, default=1, help="runs at once after L [1]")
     o.add_argument("--dry-run", action="store_true")

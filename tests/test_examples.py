@@ -941,3 +941,41 @@ def test_device_acdc_script_runs_the_protocol_of_each_labeled_set_as_a_series_of
     assert names == [name for s in ("paper3", "paper7", "random3_s1") for name in (
         f"labeled_{s}_it1000_gpu", f"labeled_continue_{s}_it300_from1000_gpu", f"bcp_continue_{s}_it300_from1000_gpu",
         f"pseudo_continue_{s}_it300_from1000_gpu")]
+
+
+def test_acdc_budget_search_applies_the_reading_rule_then_continues_from_the_converged_l(tmp_path, capsys):
+    """``protocol --from-iterations converged``: L's budgets double until the doubling gains less than 0.01 mean
+    validation Dice; the continuations start from the smallest such budget, (d) at its total."""
+    acdc = _load("benchmark_acdc")
+    assert acdc.converged_budget({}, 1000) == (None, 1000)
+    assert acdc.converged_budget({1000: 0.54}, 1000) == (None, 2000)
+    assert acdc.converged_budget({1000: 0.54, 2000: 0.59}, 1000) == (None, 4000)
+    assert acdc.converged_budget({1000: 0.54, 2000: 0.59, 4000: 0.599}, 1000) == (2000, None)
+    assert acdc.converged_budget({1000: 0.54, 2000: 0.545, 4000: 0.7}, 1000) == (1000, None)
+    assert acdc.converged_budget({2000: 0.59, 4000: 0.595}, 1000) == (None, 1000)  # the search starts at its start
+    results, work = tmp_path / "acdc.jsonl", tmp_path / "w"
+    rows = [_acdc_row(acdc, "labeled", 1000, 0.5384), _acdc_row(acdc, "labeled", 2000, 0.5903),
+            dict(_acdc_row(acdc, "labeled", 4000, 0.9), run="labeled_paper3_it4000_gpu")]  # another series
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = argparse.Namespace(work_dir=str(work), labeled_set="paper3", device="cpu", results=str(results),
+                              predictions=str(tmp_path / "p"), iterations_per_epoch=25, name_suffix="",
+                              test_images=None, from_iterations="converged", search_start=1000, search_max=16000,
+                              iterations=300, arms=["labeled_continue", "bcp_continue", "bcp"], jobs=1, dry_run=True)
+    with pytest.raises(SystemExit) as stop:
+        acdc.protocol(argparse.Namespace(**vars(args)))
+    out = capsys.readouterr().out
+    assert stop.value.code == 0 and "not converged: training 4000" in out
+    assert [line.split()[2] for line in out.splitlines() if line.startswith("would run")] == ["labeled_paper3_it4000:"]
+    # a kept model counts as a row (a GPU machine's results file starts empty at each call)
+    for iterations, dice in ((2000, 0.5903), (4000, 0.595)):
+        kept = work / "models" / f"labeled_paper3_it{iterations}"
+        kept.mkdir(parents=True)
+        (kept / "result.json").write_text(json.dumps(_acdc_row(acdc, "labeled", iterations, dice)))
+    acdc.protocol(argparse.Namespace(**vars(args)))
+    out = capsys.readouterr().out
+    assert "converged at 2000 iterations" in out
+    assert [line.split()[2] for line in out.splitlines() if line.startswith("would run")] == [
+        "labeled_continue_paper3_it300_from2000:", "bcp_continue_paper3_it300_from2000:", "bcp_paper3_it2300:"]
+    with pytest.raises(SystemExit, match="not converged by --search-max 2000"):
+        acdc.protocol(argparse.Namespace(**{**vars(args), "search_max": 2000, "dry_run": False,
+                                            "work_dir": str(tmp_path / "w2")}))
