@@ -941,6 +941,14 @@ def test_device_acdc_script_runs_the_protocol_of_each_labeled_set_as_a_series_of
     assert names == [name for s in ("paper3", "paper7", "random3_s1") for name in (
         f"labeled_{s}_it1000_gpu", f"labeled_continue_{s}_it300_from1000_gpu", f"bcp_continue_{s}_it300_from1000_gpu",
         f"pseudo_continue_{s}_it300_from1000_gpu")]
+    # L's budget search: every budget up to SEARCH_MAX at once, the continuations once the rule has found the budget
+    done = subprocess.run(["bash", script], env={**os.environ, "DRY_RUN": "1", "WORK": str(tmp_path / "w"),
+                                                 "OUT": str(tmp_path / "o"), "PYTHON": sys.executable,
+                                                 "FROM_ITERATIONS": "converged", "SETS": "paper3"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [line.split()[2] for line in done.stdout.splitlines() if line.startswith("would run ")] == [
+        f"labeled_paper3_it{b}_gpu:" for b in (1000, 2000, 4000, 8000)]
 
 
 def test_acdc_budget_search_applies_the_reading_rule_then_continues_from_the_converged_l(tmp_path, capsys):

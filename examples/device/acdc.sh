@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The ACDC protocol (examples/benchmark_acdc.py) on the GPU machine: per labeled set (SETS, default paper3 paper7
-# random3_s1, all at once) L for FROM_ITERATIONS (1000; "converged": L's budget search, every budget from 1000 to
-# SEARCH_MAX (8000) at once, and the converged one by the rule of benchmark_acdc.converged_budget), then
+# random3_s1, all at once) L for FROM_ITERATIONS (1000; "converged": L's budget search, every budget from SEARCH_START
+# (1000) to SEARCH_MAX (8000) at once, and the converged one by the rule of benchmark_acdc.converged_budget), then
 # (a) nnU-Net continued, (b) BCP in the plugin's defaults
 # and (c) offline pseudo-labels for ITERATIONS (300) each, 3 at once per set: the CPU protocol's budget, so that the
 # sets compare with the CPU rows of paper3. ACDC travels compact (`benchmark_acdc.py compact`: the validation and
@@ -34,7 +34,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 WORK=${WORK:-.device/acdc_bench} DATA=${DATA:-".device/acdc .device/acdc_test"} SETS=${SETS:-"paper3 paper7 random3_s1"}
-FROM_ITERATIONS=${FROM_ITERATIONS:-1000} SEARCH_MAX=${SEARCH_MAX:-8000} ITERATIONS=${ITERATIONS:-300} DEVICE=${DEVICE:-cuda} BATCH=${BATCH:-4}
+FROM_ITERATIONS=${FROM_ITERATIONS:-1000} SEARCH_START=${SEARCH_START:-1000}
+SEARCH_MAX=${SEARCH_MAX:-8000} ITERATIONS=${ITERATIONS:-300} DEVICE=${DEVICE:-cuda} BATCH=${BATCH:-4}
 PYTHON=${PYTHON:-python3} OUT=${OUT:-.device/out} SUFFIX=${SUFFIX-_gpu}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 export nnUNet_n_proc_DA=${nnUNet_n_proc_DA:-2} PYTHONUNBUFFERED=1 BENCH_CODE_VERSION=${CODE_VERSION:-unknown}
@@ -47,7 +48,7 @@ fi
 pids=()
 for set in $SETS; do
     protocol=("${B[@]}" protocol -w "$WORK" --labeled-set "$set" --from-iterations "$FROM_ITERATIONS"
-              --search-max "$SEARCH_MAX"
+              --search-start "$SEARCH_START" --search-max "$SEARCH_MAX"
               --iterations "$ITERATIONS" --arms labeled_continue bcp_continue pseudo_continue --jobs 3
               --device "$DEVICE" --name-suffix "$SUFFIX" --results "$OUT/acdc.jsonl"
               --predictions "$OUT/acdc_test_predictions")
