@@ -925,6 +925,17 @@ def test_device_one_command_script_pairs_the_plugins_defaults_with_nnunet_per_se
     for a in runs:
         expected = {**bench.PLUGIN_DEFAULTS, **bench.PLUGIN_STAGE_DEFAULTS} if a.arm == "bcp" else {}
         assert bench.settings_of(a) == expected
+    # candidates for the one command's stages: a BCP run each per seed, the defaults with the candidate's settings
+    candidates = "bcp_pretrain_fraction=0.3 bcp_restart_lr=false,bcp_stage_one=copy_paste"
+    done = subprocess.run(["bash", script], env={**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path / "o"),
+                                                 "PYTHON": sys.executable, "SEEDS": "2", "CANDIDATES": candidates},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    runs = [bench.command_line().parse_args(shlex.split(line)[2:]) for line in done.stdout.splitlines()]
+    defaults = {**bench.PLUGIN_DEFAULTS, **bench.PLUGIN_STAGE_DEFAULTS}
+    assert [(a.arm, a.seed, bench.settings_of(a)) for a in runs] == [
+        ("bcp", 2, defaults), ("labeled", 2, {}), ("bcp", 2, {**defaults, "bcp_pretrain_fraction": 0.3}),
+        ("bcp", 2, {**defaults, "bcp_restart_lr": False, "bcp_stage_one": "copy_paste"})]
 
 
 def test_device_acdc_script_runs_the_protocol_of_each_labeled_set_as_a_series_of_its_own(tmp_path):

@@ -5,6 +5,10 @@
 # restarted) and nnU-Net on the same labeled cases (`run --arm labeled`), both for ITERATIONS (default 2000: the
 # budget of the two-command rows, L 1000 + 1000, which they are compared with). All runs start at once; each run's
 # row is appended to $OUT/label_scarce.jsonl as soon as it is scored; the logs go to $OUT/run_logs.tar.gz.
+# CANDIDATES (default none): settings the one command could have instead of its defaults, each a BCP run of its own
+# per seed on top of the defaults (`--plugin-defaults --bcp NAME=VALUE`; several in one candidate: joined by ","),
+# e.g. CANDIDATES="bcp_pretrain_fraction=0.3 bcp_restart_lr=false bcp_stage_one=copy_paste"; chosen on validation
+# by the rule in docs/benchmarks.md ("Choosing the one command's stages").
 #
 # THE CALLS: as examples/device/protocol.sh's (call 1 installs; call 2 follows within the 30 s the machine stays warm):
 #   2. run(command="bash examples/device_check.sh --skip-tests --skip-cost --budget 585 -- bash examples/device/one_command.sh",
@@ -20,20 +24,26 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 WORK=${WORK:-.device/bench} SEEDS=${SEEDS:-"0 1 2"} K=${K:-2} ITERATIONS=${ITERATIONS:-2000} DEVICE=${DEVICE:-cuda}
+CANDIDATES=${CANDIDATES:-}
 PYTHON=${PYTHON:-python3} OUT=${OUT:-.device/out}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 export nnUNet_n_proc_DA=${nnUNet_n_proc_DA:-2} PYTHONUNBUFFERED=1
 pids=()
 for seed in $SEEDS; do
-    for arm in "bcp --plugin-defaults" "labeled"; do
-        # shellcheck disable=SC2206  # the arm and its flag are two words
+    arms=("bcp --plugin-defaults" "labeled")
+    for candidate in $CANDIDATES; do
+        arms+=("bcp --plugin-defaults --bcp ${candidate//,/ --bcp }")
+    done
+    for i in "${!arms[@]}"; do
+        arm=${arms[$i]}
+        # shellcheck disable=SC2206  # the arm and its flags are several words
         run=("$PYTHON" examples/benchmark_label_scarce.py run --arm $arm -k "$K" --seed "$seed"
              --iterations "$ITERATIONS" -w "$WORK" --device "$DEVICE" --results "$OUT/label_scarce.jsonl")
         if [ -n "${DRY_RUN:-}" ]; then
             echo "${run[*]}"
             continue
         fi
-        "${run[@]}" > "$OUT/one_command_${arm%% *}_s${seed}.out" 2>&1 &
+        "${run[@]}" > "$OUT/one_command_${arm%% *}_s${seed}_$i.out" 2>&1 &
         pids+=($!)
     done
 done
