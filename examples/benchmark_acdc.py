@@ -580,7 +580,6 @@ def run(args) -> dict:
     return result
 
 
-
 def converged_budget(validation_dice: dict, start: int) -> tuple:
     """The reading rule of L's budget search, on ``{iterations: mean validation Dice}`` of L's trained so far, whose
     budgets double from ``start``: ``(budget, None)`` for the converged L, the smallest budget whose doubling gains
@@ -599,10 +598,10 @@ def converged_budget(validation_dice: dict, start: int) -> tuple:
 def labeled_validation_dice(args) -> dict:
     """``{iterations: mean validation Dice}`` of the set's L's of this series: the rows of ``--results`` and the
     models kept in the work folder (a GPU machine's results file starts empty at each call, its models stay)."""
-    rows = common.load_rows(args.results) + [load_json(join(args.work_dir, "models", name, "result.json"))
-                                             for name in sorted(os.listdir(join(args.work_dir, "models")))
-                                             if common.model_done(args.work_dir, name)] \
-        if os.path.isdir(join(args.work_dir, "models")) else common.load_rows(args.results)
+    models = join(args.work_dir, "models")
+    kept = sorted(os.listdir(models)) if os.path.isdir(models) else []
+    rows = common.load_rows(args.results) + [load_json(join(models, name, "result.json")) for name in kept
+                                             if common.model_done(args.work_dir, name)]
     return {row["iterations"]: row["validation_dice_mean"] for row in rows if row["arm"] == "labeled"
             and row.get("labeled_set") == args.labeled_set and series(row) == args.name_suffix}
 
@@ -623,12 +622,12 @@ def search_converged_labeled(args, base: list) -> int:
         trail = trail or "none trained yet"
         if next_budget > args.search_max:
             raise SystemExit(f"L of {args.labeled_set}: {trail}; not converged by --search-max {args.search_max}")
-        missing = [next_budget]
-        while args.jobs > 1 and missing[-1] * 2 <= args.search_max:
-            missing.append(missing[-1] * 2)
-        jobs = [_labeled_job(args, base, b) for b in missing if not common.model_done(args.work_dir,
-                                                                                      _labeled_job(args, base, b)[0])]
-        print(f"L of {args.labeled_set}: {trail}; not converged: training {', '.join(map(str, missing))}", flush=True)
+        budgets = [next_budget]
+        while args.jobs > 1 and budgets[-1] * 2 <= args.search_max:
+            budgets.append(budgets[-1] * 2)
+        jobs = [job for job in (_labeled_job(args, base, b) for b in budgets)
+                if not common.model_done(args.work_dir, job[0])]
+        print(f"L of {args.labeled_set}: {trail}; not converged: training {', '.join(n for n, _ in jobs)}", flush=True)
         if args.dry_run:
             common.run_jobs(jobs, len(jobs), args.work_dir, dry_run=True)
             raise SystemExit(0)
@@ -640,6 +639,13 @@ def search_converged_labeled(args, base: list) -> int:
 def _labeled_job(args, base: list, iterations: int) -> tuple:
     return (run_name("labeled", args.labeled_set, iterations, suffix=args.name_suffix),
             base + ["--arm", "labeled", "--iterations", str(iterations)])
+
+
+def iterations_or_converged(text: str):
+    """``--from-iterations``: a number of iterations or ``converged``."""
+    if text == "converged" or text.isdigit():
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: a number of iterations or 'converged'")
 
 
 def protocol(args):
@@ -919,7 +925,7 @@ def main():
     o = sub.add_parser("protocol")
     o.add_argument("--labeled-set", default="paper3")
     o.add_argument("--iterations", type=int, default=1000, help="iterations of each continuation [1000]")
-    o.add_argument("--from-iterations", default="1000",
+    o.add_argument("--from-iterations", default="1000", type=iterations_or_converged,
                    help="iterations of L, or 'converged': L's budget search (doubling from --search-start until "
                         f"the doubling gains less than {CONVERGENCE_GAIN} mean validation Dice) [1000]")
     o.add_argument("--search-start", type=int, default=1000, help="the search's first budget [1000]")

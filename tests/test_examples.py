@@ -983,7 +983,7 @@ def test_acdc_budget_search_applies_the_reading_rule_then_continues_from_the_con
     with pytest.raises(SystemExit) as stop:
         acdc.protocol(argparse.Namespace(**vars(args)))
     out = capsys.readouterr().out
-    assert stop.value.code == 0 and "not converged: training 4000" in out
+    assert stop.value.code == 0 and "not converged: training labeled_paper3_it4000" in out
     assert [line.split()[2] for line in out.splitlines() if line.startswith("would run")] == ["labeled_paper3_it4000:"]
     # a kept model counts as a row (a GPU machine's results file starts empty at each call)
     for iterations, dice in ((2000, 0.5903), (4000, 0.595)):
