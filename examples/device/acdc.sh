@@ -2,9 +2,8 @@
 # The ACDC protocol (examples/benchmark_acdc.py) on the GPU machine: per labeled set (SETS, default paper3 paper7
 # random3_s1, all at once) L for FROM_ITERATIONS (1000; "converged": L's budget search, every budget from SEARCH_START
 # (1000) to SEARCH_MAX (8000) at once, and the converged one by the rule of benchmark_acdc.converged_budget), then
-# (a) nnU-Net continued, (b) BCP in the plugin's defaults
-# and (c) offline pseudo-labels for ITERATIONS (300) each, 3 at once per set: the CPU protocol's budget, so that the
-# sets compare with the CPU rows of paper3. ACDC travels compact (`benchmark_acdc.py compact`: the validation and
+# (a) nnU-Net continued, (b) BCP in the plugin's defaults and (c) offline pseudo-labels for ITERATIONS (300) each,
+# 3 at once per set: the CPU protocol's budget, so that the sets compare with the CPU rows of paper3. ACDC travels compact (`benchmark_acdc.py compact`: the validation and
 # labeled patients whole, as many unlabeled patients as fit; rows record `training_volumes_left_out`). Each run's row
 # is appended to $OUT/acdc.jsonl as it lands, its test label maps go to $OUT/acdc_test_predictions/<run>/; run names end
 # in SUFFIX (_gpu), apart from the CPU series.
