@@ -569,3 +569,65 @@ def test_pseudo_labels_take_a_label_subsets_dropped_cases_only_for_a_model_train
         path = str(tmp_path / f"{name}.pth")
         torch.save({"trainer_name": name, "network_weights": {}}, path)
         assert trained_on_label_subset(path) is expected, name
+
+
+def _with_dataset_key(ds) -> dict:
+    """ds's dataset.json in nnU-Net's other layout: a ``dataset`` entry listing each case's files, relative to the
+    raw folder (written to raw and preprocessed, as nnU-Net's planning copies it); returns that dataset.json."""
+    dataset_json = load_json(join(ds["raw"], "dataset.json"))
+    ending = dataset_json["file_ending"]
+    cases = sorted(f[:-len(ending)] for f in os.listdir(join(ds["raw"], "labelsTr")) if f.endswith(ending))
+    dataset_json["dataset"] = {c: {"images": [f"imagesTr/{c}_0000{ending}"], "label": f"labelsTr/{c}{ending}"}
+                               for c in cases}
+    for folder in (ds["raw"], ds["preprocessed"]):
+        save_json(dataset_json, join(folder, "dataset.json"), sort_keys=False)
+    return dataset_json
+
+
+def test_a_dataset_json_listing_its_cases_is_read_not_rewritten(dataset_copy):
+    """nnU-Net makes a ``dataset`` entry's paths absolute in the dict it is given: the unlabeled data's fingerprint
+    must still be the one of dataset.json as written, so that a node with nnU-Net_preprocessed only trains on it."""
+    ds = dataset_copy
+    ds["dataset_json"] = _with_dataset_key(ds)
+    as_written = load_json(join(ds["preprocessed"], "dataset.json"))
+    folder = _run(ds)
+    assert ds["dataset_json"] == as_written
+    shutil.rmtree(join(ds["raw"], "imagesUnlabeled"))  # a node with the preprocessed data only
+    found = unlabeled_cases_for_training(ds["plans"], "3d_fullres", as_written, ds["raw"], ds["preprocessed"])
+    assert found == (folder, [f"unl_{i:03d}" for i in range(4)])
+
+
+def test_a_pseudo_label_dataset_of_a_dataset_json_listing_its_cases_lists_its_own_files(dataset_copy, monkeypatch):
+    """The target's dataset.json must not keep the source's ``dataset`` entry: nnU-Net would preprocess the source's
+    files (every label, none of the pseudo-labeled images) instead of the target's."""
+    import nnunetv2.inference.predict_from_raw_data as predict_module
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+    from nnunetv2_bcp.unlabeled.pseudo_label_dataset import write_pseudo_label_dataset
+    ds = dataset_copy
+    dataset_json = _with_dataset_key(ds)
+    ending = dataset_json["file_ending"]
+    cases = sorted(dataset_json["dataset"])
+    save_json([{"train": cases[:4], "val": cases[4:]}], join(ds["preprocessed"], "splits_final.json"))
+    model = join(str(ds["raw"]) + "_model")
+    os.makedirs(join(model, "fold_0"))
+    torch.save({"trainer_name": "nnUNetTrainer"}, join(model, "fold_0", "checkpoint_final.pth"))
+    a_label = join(ds["raw"], "labelsTr", f"{cases[0]}{ending}")
+
+    class CopyingPredictor:  # writes a label map per image: what nnU-Net's predictor would, without a model
+        def __init__(self, **kwargs):
+            pass
+
+        def initialize_from_trained_model_folder(self, *args):
+            pass
+
+        def predict_from_files(self, images, outputs, **kwargs):
+            for output in outputs:
+                shutil.copy(a_label, output + ending)
+
+    monkeypatch.setattr(predict_module, "nnUNetPredictor", CopyingPredictor)
+    target = str(ds["raw"]) + "_pseudo"
+    record = write_pseudo_label_dataset(ds["raw"], ds["preprocessed"], target, model, 0, device="cpu")
+    assert record["pseudo_labeled"] == [f"unl_{i:03d}" for i in range(4)]
+    listed = get_filenames_of_train_images_and_targets(target, load_json(join(target, "dataset.json")))
+    assert sorted(listed) == sorted(cases + record["pseudo_labeled"])
+    assert all(entry["label"].startswith(join(target, "labelsTr")) for entry in listed.values())

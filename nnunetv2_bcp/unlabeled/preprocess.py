@@ -13,6 +13,7 @@ such a case is the one we would make, so the stream reads it in place
 (:class:`~nnunetv2_bcp.unlabeled.loader.UnlabeledDataset`).
 """
 import argparse
+import copy
 import hashlib
 import json
 import multiprocessing
@@ -42,7 +43,9 @@ def unlabeled_data_folder(preprocessed_dataset_folder: str, data_identifier: str
 def collect_unlabeled_sources(raw_dataset_folder: str, dataset_json: dict) -> Dict[str, List[str]]:
     """Case -> image files of ``imagesUnlabeled``, validated before anything is computed."""
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
-    training = get_filenames_of_train_images_and_targets(raw_dataset_folder, dataset_json)
+    # a copy: nnU-Net makes the paths of a ``dataset`` entry absolute in the dict it is given, which would change the
+    # fingerprint of this dataset.json
+    training = get_filenames_of_train_images_and_targets(raw_dataset_folder, copy.deepcopy(dataset_json))
     unlabeled = find_unlabeled_cases(raw_dataset_folder, dataset_json)
     raise_problems([f"{unlabeled[c][0]}: case '{c}' also exists in imagesTr; rename the unlabeled case"
                     for c in sorted(set(unlabeled) & set(training))],

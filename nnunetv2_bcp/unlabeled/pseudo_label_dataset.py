@@ -16,6 +16,7 @@ Images and labels are linked, not copied. The pseudo-labels are the model's plai
 component filter); ``bcp_pseudo_labels.json`` in TARGET's raw folder records which model made them.
 """
 import argparse
+import copy
 import os
 import shutil
 from typing import Dict, List, Optional
@@ -81,7 +82,7 @@ def write_pseudo_label_dataset(source_raw: str, source_preprocessed: str, target
 
     refuse_to_replace(source_raw, target_raw)
     dataset_json = load_json(join(source_raw, "dataset.json"))
-    training = get_filenames_of_train_images_and_targets(source_raw, dataset_json)
+    training = get_filenames_of_train_images_and_targets(source_raw, copy.deepcopy(dataset_json))
     splits_file = join(source_preprocessed, "splits_final.json")
     if not isfile(splits_file):
         raise SystemExit(f"ERROR: {splits_file} is missing: train the source model first (nnU-Net writes it)")
@@ -128,7 +129,9 @@ def write_pseudo_label_dataset(source_raw: str, source_preprocessed: str, target
     if missing:
         raise SystemExit(f"ERROR: the predictor wrote no pseudo-label for {missing[:5]} (see its output above)")
 
-    target_json = {**dataset_json, "numTraining": len(cases["labeled"]) + len(cases["val"]) + len(names),
+    # the target lists its own files in imagesTr / labelsTr: a source's ``dataset`` entry would make nnU-Net
+    # preprocess the source's cases instead
+    target_json = {**{k: v for k, v in dataset_json.items() if k != "dataset"}, "numTraining": len(cases["labeled"]) + len(cases["val"]) + len(names),
                    "description": f"{dataset_json.get('name', '')}: labels + pseudo-labels of {checkpoint}"}
     save_json(target_json, join(target_raw, "dataset.json"), sort_keys=False)
     record = {"source": os.path.basename(os.path.normpath(source_raw)), "complete": True,
