@@ -26,6 +26,10 @@ def plain_checkpoint(checkpoint: dict, use_teacher: bool = False) -> dict:
     if use_teacher:
         if "bcp" not in checkpoint:
             raise ValueError("the checkpoint holds no BCP teacher")
+        if not checkpoint["bcp"].get("teacher_initialized", True):
+            # before stage 2 the teacher is the network's random initialisation
+            raise ValueError(f"its teacher was never trained (stage 1, epoch {checkpoint.get('current_epoch')}): "
+                             f"export the student (without --teacher) or a checkpoint from stage 2")
         exported["network_weights"] = checkpoint["bcp"]["teacher_weights"]
     exported["trainer_name"] = "nnUNetTrainer"
     return exported

@@ -91,6 +91,12 @@ def test_export_keeps_what_inference_reads_and_the_files_nnunet_zips(tmp_path):
         export_for_plain_nnunet(str(model), str(model))
     with pytest.raises(SystemExit, match=f"{tmp_path / 'nowhere'} is not a folder: give a model folder"):
         export_for_plain_nnunet(str(tmp_path / "nowhere"), str(tmp_path / "out"))
+    # a stage-1 checkpoint: the teacher is still the network's random initialisation
+    checkpoint["bcp"]["teacher_initialized"] = False
+    torch.save(checkpoint, model / "fold_0" / "checkpoint_final.pth")
+    with pytest.raises(SystemExit, match="checkpoint_final.pth: its teacher was never trained .stage 1, epoch 1."):
+        export_for_plain_nnunet(str(model), str(tmp_path / "untrained_teacher"), use_teacher=True)
+    export_for_plain_nnunet(str(model), str(tmp_path / "stage_one_student"))  # the student is what stage 1 trained
     del checkpoint["bcp"]
     torch.save(checkpoint, model / "fold_0" / "checkpoint_final.pth")
     with pytest.raises(SystemExit, match="holds no BCP teacher"):

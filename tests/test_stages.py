@@ -319,3 +319,32 @@ def test_the_staged_schedule_never_exceeds_the_initial_learning_rate_without_a_s
         scheduler.step(epoch)
         rates.append(optimizer.param_groups[0]["lr"])
     assert rates[:2] == [0.01, 0.01] and all(later < earlier for earlier, later in zip(rates[1:], rates[2:]))
+
+
+def test_checkpoint_best_holds_a_stage_two_model_from_the_first_stage_two_epoch(synthetic_3d):
+    """nnU-Net writes checkpoint_best.pth when the EMA pseudo Dice beats its best so far: stage 1's best (a
+    labeled-only model) must not stay there while stage 2, after the learning rate's restart, is still below it."""
+    from nnunetv2_bcp import nnUNetTrainerBCP
+
+    class TenEpochs(nnUNetTrainerBCP):
+        def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+            super().__init__(plans, configuration, fold, dataset_json, device)
+            self.num_epochs, self.bcp_pretrain_epochs, self.bcp_pretrain_min_dice = 10, 4, 0
+
+    t = _new(TenEpochs, synthetic_3d)
+    t.initialize()
+    t.logger.plot_progress_png = lambda folder: None
+
+    def epoch(dice):
+        t.on_train_epoch_start()
+        for key, value in (("epoch_start_timestamps", 0.0), ("train_losses", 0.0), ("val_losses", 0.0),
+                           ("dice_per_class_or_region", [dice, dice]), ("mean_fg_dice", dice)):
+            t.logger.log(key, value, t.current_epoch)
+        t.on_epoch_end()
+        return torch.load(join(t.output_folder, "checkpoint_best.pth"), weights_only=False)
+
+    for _ in range(4):
+        assert not epoch(0.9)["bcp"]["teacher_initialized"]  # stage 1's best
+    best = epoch(0.1)  # stage 2's first epoch, far below stage 1's
+    assert best["bcp"]["teacher_initialized"] and best["current_epoch"] == 5  # nnU-Net stores the epoch to go on with
+    assert epoch(0.05)["current_epoch"] == 5  # then the best of stage 2, as nnU-Net picks it

@@ -374,6 +374,9 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
         self.teacher.load_state_dict(unwrap_network(self.network).state_dict())
         self.bcp_teacher_initialized = True
         self.bcp_stage_two_start_epoch = self.current_epoch
+        # checkpoint_best.pth holds stage 2's best from now on: stage 1's (a labeled-only model) would otherwise stay
+        # there while stage 2, its learning rate restarted, is below it
+        self._best_ema = None
         restart = ""
         if self.bcp_lr_restart_epoch == self.current_epoch:
             restart = (f"; the learning rate restarts at {self.initial_lr} and decays over the remaining "
