@@ -47,6 +47,9 @@ def test_a_stage_one_as_long_as_the_schedule_is_refused_before_training(syntheti
     assert t.dataloader_train is None  # refused before any work
     t.bcp_pretrain_epochs = 9
     t.check_stage_lengths()
+    t.bcp_max_pretrain_epochs = 10  # stage 1 goes on while the student misses a class: at most until here
+    with pytest.raises(SystemExit, match="bcp_max_pretrain_epochs=10 is not below num_epochs=10"):
+        t.check_stage_lengths()
     t.bcp_teacher_initialized = True  # started from a model in stage 2: stage 1 is not run at all
     t.bcp_pretrain_epochs = 10
     t.check_stage_lengths()

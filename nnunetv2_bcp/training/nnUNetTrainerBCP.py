@@ -236,6 +236,10 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
                              f"below num_epochs={self.num_epochs}, so stage 2 (BCP) would never start. Lower "
                              f"bcp_pretrain_epochs or leave it unset (then it is {self.bcp_pretrain_fraction:g} of "
                              f"num_epochs).")
+        if not self.in_stage_two() and self.bcp_pretrain_min_dice and self.max_pretrain_epochs() >= self.num_epochs:
+            raise SystemExit(f"ERROR ({self.__class__.__name__}): bcp_max_pretrain_epochs={self.max_pretrain_epochs()} "
+                             f"is not below num_epochs={self.num_epochs}: while the student misses a class, stage 1 "
+                             f"could take the whole schedule and BCP never start. Lower bcp_max_pretrain_epochs.")
 
     def configure_optimizers(self):
         """nnU-Net's optimiser and poly schedule, the latter restartable at stage 2 (a trainer that brings another
