@@ -251,3 +251,34 @@ def test_no_torch_function_is_swapped_while_nnunet_saves_or_loads(trainer, tmp_p
     resumed.load_checkpoint(path)  # nnU-Net initialises the trainer inside its load_checkpoint
     assert set(resumed.own) == {"mine"}
     assert torch.equal(resumed.teacher.state_dict()[FIRST_CONV], trainer.teacher.state_dict()[FIRST_CONV])
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named_not_a_traceback(trainer, tmp_path):
+    from nnunetv2_bcp.training.start_from_model import start_from_model
+    _, model = _plain_model(trainer, tmp_path)
+    text = tmp_path / "notes.pth"
+    text.write_text("epoch 10: dice 0.8\n")
+    cut_short = tmp_path / "half_copied.pth"
+    cut_short.write_bytes(open(model, "rb").read()[:4096])
+    fresh = type(trainer)(_plans(trainer), "3d_fullres", 3, trainer.dataset_json, torch.device("cpu"))
+    fresh.output_folder = str(tmp_path / "fold_3")  # no checkpoint of another test there
+    for path in (text, cut_short):
+        for allow_pickle in (False, True):
+            with pytest.raises(SystemExit, match=f"{path.name} is not a readable PyTorch checkpoint"):
+                start_from_model(fresh, str(path), allow_pickle)
+        with pytest.raises(SystemExit, match=f"{path.name} is not a readable PyTorch checkpoint"):
+            fresh.load_checkpoint(str(path))  # --c on a damaged checkpoint_latest.pth
+
+
+def test_a_label_subset_run_resumes_where_torch_cannot_load_weights_only(trainer, tmp_path, monkeypatch):
+    """torch before 2.5 has no safe_globals: nnUNetTrainerLabelSubset's --c reads its own checkpoint as nnU-Net
+    does, so it still resumes."""
+    from nnunetv2_bcp.training.nnUNetTrainerLabelSubset import nnUNetTrainerLabelSubset
+    t = nnUNetTrainerLabelSubset(_plans(trainer), "3d_fullres", 0, trainer.dataset_json, torch.device("cpu"))
+    t.initialize()
+    path = str(tmp_path / "checkpoint_latest.pth")
+    t.save_checkpoint(path)
+    monkeypatch.delattr(torch.serialization, "safe_globals")
+    resumed = nnUNetTrainerLabelSubset(_plans(trainer), "3d_fullres", 0, trainer.dataset_json, torch.device("cpu"))
+    resumed.load_checkpoint(path)
+    assert resumed.label_subset_of_checkpoint == t.label_subset_in_use

@@ -29,6 +29,24 @@ class UntrustedCheckpointError(ValueError):
     """A checkpoint that holds more than tensors, numbers and Python's containers: unpickling it could run code."""
 
 
+class UnreadableCheckpointError(ValueError):
+    """A file that is not a PyTorch checkpoint, or one cut short."""
+
+
+def _unreadable(path: str, error: Exception) -> UnreadableCheckpointError:
+    return UnreadableCheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: "
+                                     f"{error}); is it a .pth that was copied completely?")
+
+
+def load_checkpoint(path: str, map_location="cpu", mmap: bool = False) -> dict:
+    """``torch.load(path, weights_only=False)`` as nnU-Net loads its checkpoints (for files this training wrote or
+    the user vouches for); a file that is not a checkpoint raises :class:`UnreadableCheckpointError` naming it."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
+    except Exception as error:  # torch raises RuntimeError, UnpicklingError, KeyError or EOFError by the damage
+        raise _unreadable(path, error) from None
+
+
 def load_checkpoint_without_code(path: str, map_location="cpu", mmap: bool = False) -> dict:
     """``torch.load(path, weights_only=True)``, allowing the numpy scalars nnU-Net's checkpoints hold: a file that
     needs any other global (a pickled object, which can run a command when loaded) is refused with the reason.
@@ -39,11 +57,18 @@ def load_checkpoint_without_code(path: str, map_location="cpu", mmap: bool = Fal
     with torch.serialization.safe_globals(NUMPY_CHECKPOINT_GLOBALS):
         try:
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-        except pickle.UnpicklingError:
+        except pickle.UnpicklingError as error:
             allowed = {f"{g.__module__}.{g.__qualname__}" for g in NUMPY_CHECKPOINT_GLOBALS}
-            unsafe = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in allowed]
+            try:
+                unsafe = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in allowed]
+            except Exception:
+                unsafe = []
+            if not unsafe:
+                raise _unreadable(path, error) from None
             raise UntrustedCheckpointError(f"{path} holds objects other than weights and numbers "
                                            f"({', '.join(unsafe)}); loading it could run code") from None
+        except Exception as error:
+            raise _unreadable(path, error) from None
 
 
 def save_atomically(checkpoint: dict, path: str) -> None:

@@ -23,8 +23,8 @@ from nnunetv2_bcp.bcp import (BCPLoss, bcp_total, copy_paste, downsample_mask, e
                               pseudo_labels, random_box_mask, single_component_share, unwrap_network)
 from nnunetv2_bcp.training.diagnostics import (LOW_PSEUDO_LABEL_SHARE, classes_below_share, epoch_figures,
                                                record_progress, skipped_step_figures, step_figures)
-from nnunetv2_bcp.training.checkpoint import (incompatibility, remove_stale_checkpoint_temporaries,
-                                              save_nnunet_checkpoint_with)
+from nnunetv2_bcp.training.checkpoint import (UnreadableCheckpointError, incompatibility, load_checkpoint,
+                                              remove_stale_checkpoint_temporaries, save_nnunet_checkpoint_with)
 from nnunetv2_bcp.training.nnUNetTrainerLabelSubset import LabelSubsetMixin
 from nnunetv2_bcp.training.schedule import StagedPolyLRScheduler, TrainingStages
 from nnunetv2_bcp.training.start_from_model import ContinueOnlyWhereStartedFromModel
@@ -673,7 +673,10 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
         if not isinstance(path, str):
             raise TypeError(f"{self.__class__.__name__}.load_checkpoint takes a checkpoint's path (as nnU-Net 2.8's "
                             f"does), not {type(path).__name__}")
-        checkpoint = torch.load(path, map_location='cpu', weights_only=False, mmap=True)
+        try:
+            checkpoint = load_checkpoint(path, mmap=True)
+        except UnreadableCheckpointError as e:
+            raise SystemExit(f"ERROR ({self.__class__.__name__}): {e}")
         if 'bcp' not in checkpoint:
             raise SystemExit(f"ERROR ({self.__class__.__name__}): {path} was written by "
                              f"{checkpoint.get('trainer_name', 'another trainer')}, not by a BCP trainer, and has no "

@@ -3,7 +3,7 @@ baseline of BCP, and the mixin that BCP shares with it."""
 from batchgenerators.utilities.file_and_folder_operations import isfile
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunetv2_bcp.training.checkpoint import load_checkpoint_without_code, save_nnunet_checkpoint_with
+from nnunetv2_bcp.training.checkpoint import load_checkpoint, save_nnunet_checkpoint_with
 from nnunetv2_bcp.training.start_from_model import ContinueOnlyWhereStartedFromModel
 from nnunetv2_bcp.unlabeled.label_subset import fold_subset, label_subset_path, load_label_subset
 from nnunetv2_bcp.unlabeled.raw import UnlabeledDataError
@@ -91,5 +91,6 @@ class nnUNetTrainerLabelSubset(ContinueOnlyWhereStartedFromModel, LabelSubsetMix
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         super().load_checkpoint(filename_or_checkpoint)
         if isinstance(filename_or_checkpoint, str):
-            recorded = load_checkpoint_without_code(filename_or_checkpoint, mmap=True)  # weights stay on disk
+            # nnU-Net has just unpickled this file: reading it again as it does needs no newer torch
+            recorded = load_checkpoint(filename_or_checkpoint, mmap=True)  # the weights stay on disk
             self.label_subset_of_checkpoint = recorded.get('label_subset')

@@ -18,8 +18,8 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import isfile, join, maybe_mkdir_p, save_json
 
 from nnunetv2_bcp.bcp import unwrap_network
-from nnunetv2_bcp.training.checkpoint import (UntrustedCheckpointError, incompatibility,
-                                              load_checkpoint_without_code)
+from nnunetv2_bcp.training.checkpoint import (UnreadableCheckpointError, UntrustedCheckpointError, incompatibility,
+                                              load_checkpoint, load_checkpoint_without_code)
 
 STARTING_CHECKPOINT = "checkpoint_latest.pth"  # what nnUNetv2_train --c picks up when no final checkpoint exists
 STARTED_FROM_MODEL_FILE = "bcp_started_from_model.json"
@@ -62,13 +62,12 @@ def start_from_model(trainer, model_checkpoint: str, allow_pickle: bool = False)
         raise SystemExit(f"ERROR ({name}): {trainer.output_folder} already holds "
                          f"{[os.path.basename(f) for f in existing]}; continue it with nnUNetv2_train ... --c, or "
                          f"remove them to start again from the model")
-    if allow_pickle:
-        checkpoint = torch.load(model_checkpoint, map_location='cpu', weights_only=False)
-    else:
-        try:
-            checkpoint = load_checkpoint_without_code(model_checkpoint)
-        except UntrustedCheckpointError as e:
-            raise SystemExit(f"ERROR ({name}): {e}. Only if you trust where it comes from, pass --allow_pickle.")
+    try:
+        checkpoint = load_checkpoint(model_checkpoint) if allow_pickle else load_checkpoint_without_code(model_checkpoint)
+    except UntrustedCheckpointError as e:
+        raise SystemExit(f"ERROR ({name}): {e}. Only if you trust where it comes from, pass --allow_pickle.")
+    except UnreadableCheckpointError as e:
+        raise SystemExit(f"ERROR ({name}): {e}")
     reason = incompatibility(checkpoint, trainer.plans_manager.plans_name, trainer.configuration_name,
                              trainer.dataset_json['labels'])
     if reason:

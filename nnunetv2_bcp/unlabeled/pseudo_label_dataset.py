@@ -42,11 +42,11 @@ def fold_cases(splits: List[dict], fold: int, subset: Optional[dict], subset_pat
 def trained_on_label_subset(checkpoint: str) -> bool:
     """Whether the checkpoint's trainer (its ``trainer_name``) opts in to a label subset (``uses_label_subset``)."""
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-    from nnunetv2_bcp.training.checkpoint import UntrustedCheckpointError, load_checkpoint_without_code
-    try:
-        name = load_checkpoint_without_code(checkpoint, mmap=True).get("trainer_name")  # the weights stay on disk
-    except UntrustedCheckpointError:
-        name = None  # the predictor says what it makes of the file
+    from nnunetv2_bcp.training.checkpoint import UnreadableCheckpointError, load_checkpoint
+    try:  # read as nnU-Net's predictor reads it next; the weights stay on disk
+        name = load_checkpoint(checkpoint, mmap=True).get("trainer_name")
+    except UnreadableCheckpointError as e:
+        raise SystemExit(f"ERROR: {e}")
     if not name:
         return False
     try:
