@@ -63,7 +63,8 @@ def start_from_model(trainer, model_checkpoint: str, allow_pickle: bool = False)
                          f"{[os.path.basename(f) for f in existing]}; continue it with nnUNetv2_train ... --c, or "
                          f"remove them to start again from the model")
     try:
-        checkpoint = load_checkpoint(model_checkpoint) if allow_pickle else load_checkpoint_without_code(model_checkpoint)
+        load = load_checkpoint if allow_pickle else load_checkpoint_without_code
+        checkpoint = load(model_checkpoint)
     except UntrustedCheckpointError as e:
         raise SystemExit(f"ERROR ({name}): {e}. Only if you trust where it comes from, pass --allow_pickle.")
     except UnreadableCheckpointError as e:
