@@ -131,12 +131,13 @@ def write_pseudo_label_dataset(source_raw: str, source_preprocessed: str, target
 
     # the target lists its own files in imagesTr / labelsTr: a source's ``dataset`` entry would make nnU-Net
     # preprocess the source's cases instead
-    target_json = {**{k: v for k, v in dataset_json.items() if k != "dataset"}, "numTraining": len(cases["labeled"]) + len(cases["val"]) + len(names),
+    target_json = {**{k: v for k, v in dataset_json.items() if k != "dataset"},
+                   "numTraining": len(cases["labeled"]) + len(cases["val"]) + len(names),
                    "description": f"{dataset_json.get('name', '')}: labels + pseudo-labels of {checkpoint}"}
     save_json(target_json, join(target_raw, "dataset.json"), sort_keys=False)
     record = {"source": os.path.basename(os.path.normpath(source_raw)), "complete": True,
-              "model": os.path.abspath(checkpoint), "fold": fold, "use_mirroring": use_mirroring, "labeled": cases["labeled"], "val": cases["val"],
-              "pseudo_labeled": names}
+              "model": os.path.abspath(checkpoint), "fold": fold, "use_mirroring": use_mirroring,
+              "labeled": cases["labeled"], "val": cases["val"], "pseudo_labeled": names}
     save_json(record, join(target_raw, RECORD_FILE), sort_keys=False)
     return record
 
