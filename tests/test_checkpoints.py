@@ -282,3 +282,19 @@ def test_a_label_subset_run_resumes_where_torch_cannot_load_weights_only(trainer
     resumed = nnUNetTrainerLabelSubset(_plans(trainer), "3d_fullres", 0, trainer.dataset_json, torch.device("cpu"))
     resumed.load_checkpoint(path)
     assert resumed.label_subset_of_checkpoint == t.label_subset_in_use
+
+
+def test_a_resumed_run_keeps_the_largest_component_classes_it_decided_without_reading_labels_again(trainer, tmp_path,
+                                                                                                   monkeypatch):
+    from nnunetv2_bcp import nnUNetTrainerBCP
+    trainer.bcp_largest_component_classes = [2]  # what "auto" decided at the start
+    path = str(tmp_path / "checkpoint_latest.pth")
+    trainer.save_checkpoint(path)
+    monkeypatch.setattr(nnUNetTrainerBCP, "_single_component_classes",
+                        lambda self, classes: pytest.fail("the reference labels were read again"))
+    resumed = nnUNetTrainerBCP(_plans(trainer), "3d_fullres", 0, trainer.dataset_json, torch.device("cpu"))
+    logged = []
+    resumed.print_to_log_file = lambda *args, **kwargs: logged.append(" ".join(map(str, args)))
+    resumed.load_checkpoint(path)
+    assert resumed.largest_component_classes() == [2]
+    assert any("largest component for classes [2] (as decided when this run started" in line for line in logged)

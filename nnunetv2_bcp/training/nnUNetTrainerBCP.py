@@ -697,8 +697,20 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
         if 'settings' in bcp:
             self.keep_settings_of_the_checkpoint(bcp['settings'], path)
             self.label_subset_of_checkpoint = bcp['settings'].get('label_subset')
+            self.keep_largest_component_classes_of_the_checkpoint(bcp['settings'])
         if self.in_stage_two() and self.bcp_stage_two_start_epoch is None:  # one decay over the run: no start kept
             self.bcp_restart_lr = False
+
+    def keep_largest_component_classes_of_the_checkpoint(self, saved: dict) -> None:
+        """The classes ``bcp_largest_component`` resolved to when the run started: "auto" reads up to
+        ``LARGEST_COMPONENT_SAMPLE_CASES`` reference label maps, too long to repeat at every resume of a large
+        dataset (and the labeled cases of a resumed run cannot have changed)."""
+        classes = saved.get("bcp_largest_component_classes")
+        if classes is None or saved.get("bcp_largest_component") != self.bcp_largest_component:
+            return
+        self.bcp_largest_component_classes = list(classes)
+        self.print_to_log_file(f"BCP: pseudo-labels keep only their largest component for classes {classes} (as "
+                               f"decided when this run started, bcp_largest_component={self.bcp_largest_component!r})")
 
     def keep_settings_of_the_checkpoint(self, saved: dict, source: str) -> None:
         """Continue with the settings of the stages the run was started with where this trainer's differ (say
