@@ -50,6 +50,9 @@ def test_a_stage_one_as_long_as_the_schedule_is_refused_before_training(syntheti
     t.bcp_max_pretrain_epochs = 10  # stage 1 goes on while the student misses a class: at most until here
     with pytest.raises(SystemExit, match="bcp_max_pretrain_epochs=10 is not below num_epochs=10"):
         t.check_stage_lengths()
+    t.bcp_max_pretrain_epochs, t.bcp_pretrain_epochs, t.num_epochs = None, None, 1  # nnUNetTrainerBCP_1epoch
+    assert (t.pretrain_epochs(), t.max_pretrain_epochs()) == (0, 0)  # its one epoch is stage 2's
+    t.check_stage_lengths()
     t.bcp_teacher_initialized = True  # started from a model in stage 2: stage 1 is not run at all
     t.bcp_pretrain_epochs = 10
     t.check_stage_lengths()

@@ -237,6 +237,7 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
                              f"bcp_pretrain_epochs or leave it unset (then it is {self.bcp_pretrain_fraction:g} of "
                              f"num_epochs).")
         if not self.in_stage_two() and self.bcp_pretrain_min_dice and self.max_pretrain_epochs() >= self.num_epochs:
+            # only a bcp_max_pretrain_epochs set by the user: the default leaves the last epoch to stage 2
             raise SystemExit(f"ERROR ({self.__class__.__name__}): bcp_max_pretrain_epochs={self.max_pretrain_epochs()} "
                              f"is not below num_epochs={self.num_epochs}: while the student misses a class, stage 1 "
                              f"could take the whole schedule and BCP never start. Lower bcp_max_pretrain_epochs.")
@@ -301,10 +302,12 @@ class nnUNetTrainerBCP(ContinueOnlyWhereStartedFromModel, LabelSubsetMixin, nnUN
         return int(round(self.bcp_pretrain_fraction * self.num_epochs))
 
     def max_pretrain_epochs(self) -> int:
+        """The latest epoch stage 2 starts at while the student misses a class: ``bcp_max_pretrain_epochs`` if set,
+        else a share of ``num_epochs`` that leaves at least the last epoch to stage 2."""
         if self.bcp_max_pretrain_epochs is not None:
             return self.bcp_max_pretrain_epochs
         share = MAX_PRETRAIN_FRACTION_WITH_RESTART if self.restarts_lr() else MAX_PRETRAIN_FRACTION
-        return max(self.pretrain_epochs(), int(round(share * self.num_epochs)))
+        return max(self.pretrain_epochs(), min(int(round(share * self.num_epochs)), self.num_epochs - 1))
 
     def classes_the_student_misses(self, dice_per_class: list) -> list:
         """Classes (regions) whose Dice in ``dice_per_class`` is below ``bcp_pretrain_min_dice`` (NaN, a class
