@@ -35,7 +35,8 @@ labeled + pseudo-labeled patients); ``bcp`` (d) = ``nnUNetTrainerBCP`` from scra
 iterations of L + (b); ``ceiling`` (e) = nnU-Net on all 70 training patients for the iterations of L + (a). Metrics:
 nnU-Net's evaluation (Dice, IoU) of each final checkpoint on the 20 validation volumes, per class (RV, MYO, LV) and
 per volume; HD95 in voxels (MONAI); the same once each class keeps its largest component (every arm alike);
-``table`` pairs each arm with (a) and (c) per volume (bootstrap interval, Wilcoxon).
+``table`` pairs each arm with (a) and (c) per volume (bootstrap interval and Wilcoxon test over patients: a
+patient's two frames are not independent).
 """
 import argparse
 import json
@@ -682,6 +683,12 @@ def protocol(args):
 
 
 # ------------------------------------------------------------------------------------------------------- tables
+def patient(volume: str) -> str:
+    """The patient of a volume (``patient012_frame01`` -> ``patient012``): its two frames are not independent, so
+    intervals and tests resample patients."""
+    return volume.split("_frame")[0]
+
+
 def volume_means(row: dict, prefix: str = "validation") -> dict:
     """Per validation volume: the mean Dice over RV, MYO and LV."""
     return {case: float(np.mean([m[str(c)]["Dice"] for c in CLASSES])) for case, m in
@@ -716,19 +723,29 @@ def total_iterations(row: dict) -> int:
     return row["iterations"] + (row["from_iterations"] or 0)
 
 
+def partners(row: dict, candidates: list) -> list:
+    """The rows of ``candidates`` to pair ``row`` with: a continuation's of the same start model and iterations; a
+    from-scratch run's of the same total iterations on its device, of its own series where that has them (another
+    series may have trained on a compact copy from another L) and else of the main one."""
+    if row.get("from_checkpoint"):
+        return [o for o in candidates if o.get("from_checkpoint") == row["from_checkpoint"]
+                and o["iterations"] == row["iterations"]]
+    found = [o for o in candidates
+             if total_iterations(o) == row["iterations"] and o.get("device") == row.get("device")]
+    return [o for o in found if series(o) == series(row)] or [o for o in found if series(o) == ""]
+
+
 def paired_cells(row: dict, by_arm: dict, prefix: str) -> list:
-    """``row`` against (a) and against (c) of the same start model (or, from scratch, of the same total iterations):
-    the Dice difference per volume [95% CI], better in, and where both have it the HD95 difference."""
+    """``row`` against (a) and against (c) (see ``partners``): the Dice difference per volume [95% CI, patients
+    resampled], better in, and where both have it the HD95 difference."""
     cells = []
     for other in ("labeled_continue", "pseudo_continue"):
-        partner = [o for o in by_arm.get(other, []) if row["arm"] != other and o.get("from_checkpoint")
-                   and (row.get("from_checkpoint") == o["from_checkpoint"]
-                        or not row.get("from_checkpoint")
-                        and row["iterations"] == total_iterations(o))]
+        partner = [] if row["arm"] == other else partners(row, by_arm.get(other, []))
         if not partner or f"{prefix}_per_case" not in partner[-1] or f"{prefix}_per_case" not in row:
             cells.append("")
             continue
-        stats = common.paired_statistics(volume_means(partner[-1], prefix), volume_means(row, prefix))
+        stats = common.paired_statistics(volume_means(partner[-1], prefix), volume_means(row, prefix),
+                                         cluster=patient)
         cells.append(f"{stats['mean']:+.4f} [{stats['ci'][0]:+.4f}, {stats['ci'][1]:+.4f}], "
                      f"{stats['better']}/{stats['n']}" + hd95_difference(partner[-1], row, prefix))
     return cells
@@ -744,7 +761,8 @@ def set_table(labeled_set: str, rows: list) -> str:
     ordered = [r for arm in ARMS for r in sorted(by_arm.get(arm, []), key=lambda r: (r["iterations"], r["run"]))]
     lines = [f"**{labeled_set}** (labeled patients: {', '.join(by_arm.get('labeled', rows)[0]['labeled_patients'])})",
              "", "| arm | iterations | validation Dice mean | RV / MYO / LV | IoU mean | HD95 mean (voxels) | "
-             "− (a) per volume [95% CI], better in | − (c) per volume [95% CI] | train time (s/it) | command |",
+             "− (a) per volume [95% CI over patients], better in | − (c) per volume [95% CI over patients] | "
+             "train time (s/it) | command |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in ordered:
         cells = paired_cells(r, by_arm, "validation")
@@ -756,8 +774,8 @@ def set_table(labeled_set: str, rows: list) -> str:
     kept = [r for r in ordered if f"{LARGEST_COMPONENT}_dice_mean" in r]
     if kept:
         lines += ["", f"{labeled_set}, each class's largest component kept (every arm alike, nothing tuned):", "",
-                  "| arm | iterations | Dice mean | RV / MYO / LV | HD95 mean (voxels) | − (a) per volume [95% CI], "
-                  "better in | − (c) per volume [95% CI] |", "|---|---|---|---|---|---|---|"]
+                  "| arm | iterations | Dice mean | RV / MYO / LV | HD95 mean (voxels) | − (a) per volume [95% CI over "
+                  "patients], better in | − (c) per volume [95% CI over patients] |", "|---|---|---|---|---|---|---|"]
         for r in kept:
             cells = paired_cells(r, by_arm, LARGEST_COMPONENT)
             per_class = " / ".join(f"{r[f'{LARGEST_COMPONENT}_dice_per_class'][str(c)]:.3f}" for c in CLASSES)
@@ -771,13 +789,13 @@ def one_command_against_two(by_arm: dict) -> list:
     two-command recipe it replaces."""
     lines = []
     for d in by_arm.get("bcp", []):
-        for b in by_arm.get("bcp_continue", []):
-            if d["iterations"] == total_iterations(b):
-                stats = common.paired_statistics(volume_means(b), volume_means(d))
-                lines += ["", f"(d){named_if_in_a_series(d)} − (b){named_if_in_a_series(b)}, the one command "
-                              f"against the two-command recipe at {d['iterations']} iterations in all, per volume: "
-                              f"{stats['mean']:+.4f} [{stats['ci'][0]:+.4f}, {stats['ci'][1]:+.4f}], better in "
-                              f"{stats['better']}/{stats['n']} (Wilcoxon p = {stats['p']:.2g}){hd95_difference(b, d)}."]
+        for b in partners(d, by_arm.get("bcp_continue", [])):
+            stats = common.paired_statistics(volume_means(b), volume_means(d), cluster=patient)
+            lines += ["", f"(d){named_if_in_a_series(d)} − (b){named_if_in_a_series(b)}, the one command "
+                          f"against the two-command recipe at {d['iterations']} iterations in all, per volume: "
+                          f"{stats['mean']:+.4f} [{stats['ci'][0]:+.4f}, {stats['ci'][1]:+.4f}], better in "
+                          f"{stats['better']}/{stats['n']} (Wilcoxon p over patients = {stats['p']:.2g})"
+                          f"{hd95_difference(b, d)}."]
     return lines
 
 
@@ -804,7 +822,7 @@ def hd95_difference(baseline: dict, row: dict, prefix: str = "validation") -> st
     both = set(before) & set(after)
     if not both:
         return ""
-    stats = common.paired_statistics(before, after)
+    stats = common.paired_statistics(before, after, cluster=patient)
     lower = sum(after[c] < before[c] for c in both)
     return (f"; HD95 {stats['mean']:+.1f} [{stats['ci'][0]:+.1f}, {stats['ci'][1]:+.1f}], lower in "
             f"{lower}/{stats['n']}")

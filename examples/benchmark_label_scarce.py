@@ -65,6 +65,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Optional
 
 import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json, maybe_mkdir_p, save_json
@@ -617,18 +618,33 @@ def case_means(row: dict) -> dict:
     return {case: float(np.nanmean(list(dice.values()))) for case, dice in row["dice_per_case"].items()}
 
 
-def paired_statistics(a: dict, b: dict, num_resamples: int = 10000, seed: int = 0) -> dict:
+def paired_statistics(a: dict, b: dict, num_resamples: int = 10000, seed: int = 0,
+                      cluster: Optional[Callable] = None) -> dict:
     """(b) - (a) on the cases both have: mean difference, its percentile-bootstrap 95% interval, the Wilcoxon
-    signed-rank p-value (1 when every difference is 0) and in how many cases (b) is better."""
+    signed-rank p-value (1 when every difference is 0) and in how many cases (b) is better.
+
+    ``cluster`` (case -> its group, e.g. the patient of a frame): cases of one group are not independent, so the
+    bootstrap draws whole groups and the Wilcoxon test runs on the groups' mean differences (``clusters``: their
+    number); the mean and ``better`` stay per case."""
     from scipy.stats import wilcoxon
     cases = sorted(set(a) & set(b))
     diff = np.array([b[c] - a[c] for c in cases])
     rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, len(diff), (num_resamples, len(diff)))].mean(axis=1)
-    p = 1.0 if not np.any(diff) else float(wilcoxon(diff).pvalue)
-    return {"n": len(cases), "mean": float(diff.mean()), "ci": (float(np.percentile(means, 2.5)),
-                                                                 float(np.percentile(means, 97.5))),
-            "p": p, "better": int(np.sum(diff > 0))}
+    result = {"n": len(cases), "mean": float(diff.mean()), "better": int(np.sum(diff > 0))}
+    if cluster is None:
+        units, sizes = diff, np.ones(len(diff))
+    else:
+        groups = sorted({cluster(c) for c in cases}, key=str)
+        index = {g: i for i, g in enumerate(groups)}
+        members = np.array([index[cluster(c)] for c in cases])
+        units, sizes = np.bincount(members, diff), np.bincount(members).astype(float)  # per group: sum, count
+        result["clusters"] = len(groups)
+    draws = rng.integers(0, len(units), (num_resamples, len(units)))
+    means = units[draws].sum(axis=1) / sizes[draws].sum(axis=1)
+    unit_means = units / sizes
+    result["p"] = 1.0 if not np.any(diff) else float(wilcoxon(unit_means).pvalue)
+    result["ci"] = (float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)))
+    return result
 
 
 def comparisons(rows: list) -> list:
@@ -799,7 +815,8 @@ def candidates_table(groups: list) -> str:
             mean = b_mean = "–"
         paired, better = "–", "–"
         if set(a_cases) & set(b_cases):
-            stats = paired_statistics(a_cases, b_cases)
+            # one case's pairs of different seeds are not independent: whole cases are resampled
+            stats = paired_statistics(a_cases, b_cases, cluster=lambda seed_and_case: seed_and_case[1])
             paired = f"{stats['mean']:+.4f} [{stats['ci'][0]:+.4f}, {stats['ci'][1]:+.4f}]"
             better = f"{stats['better']} of {stats['n']}"
         total = g["from_iterations"] + g["iterations"] if g["from_iterations"] is not None else g["iterations"]

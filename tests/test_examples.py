@@ -136,6 +136,26 @@ def test_benchmark_paired_statistics():
     assert bench.paired_statistics(a, {"c0": a["c0"] + 1, "other": 0.5})["n"] == 1  # only cases both arms have
 
 
+def test_benchmark_paired_statistics_resample_whole_clusters_of_dependent_cases():
+    """Two frames of one patient are not two independent volumes: the interval resamples patients and the
+    Wilcoxon test runs on their mean differences, so a patient's frames that agree narrow nothing."""
+    bench = _load("benchmark_label_scarce")
+    rng = np.random.default_rng(2)
+    a, b = {}, {}
+    for patient in range(10):
+        shift = 0.02 + rng.normal(0, 0.03)
+        for frame in (1, 2):
+            case = f"patient{patient:03d}_frame0{frame}"
+            a[case] = 0.8
+            b[case] = 0.8 + shift + rng.normal(0, 0.002)  # the two frames of a patient move together
+    volumes = bench.paired_statistics(a, b)
+    patients = bench.paired_statistics(a, b, cluster=lambda case: case.split("_frame")[0])
+    assert patients["n"] == volumes["n"] == 20 and patients["clusters"] == 10 and "clusters" not in volumes
+    assert patients["mean"] == pytest.approx(volumes["mean"]) and patients["better"] == volumes["better"]
+    assert patients["ci"][1] - patients["ci"][0] > 1.25 * (volumes["ci"][1] - volumes["ci"][0])
+    assert patients["p"] > volumes["p"]
+
+
 def _fake_row(bench, arm, k, seed, dice, iterations=1000, from_iterations=None, settings=None, validation=None):
     cases = {f"c{i}": {"1": dice + 0.01 * (i % 3), "2": dice - 0.01 * (i % 3)} for i in range(10)}
     from_run = bench.labeled_run_name(k, seed) if from_iterations else None
@@ -174,7 +194,8 @@ def test_benchmark_table_and_figure_from_results(tmp_path):
     # candidates are compared on validation (a table before the test split's, without its figures)
     choose, paired = text.split("### Choosing between candidates")[1].split("### Paired comparison on the test split")
     assert "| 2 | as in the paper | 1000 + 1000 = 2000 | 0: +0.0300, 1: +0.0100 | +0.0200 (2 of 2 pairs) | 0.7100 | " \
-           "+0.0200 [+0.01" in choose and "] | 8 of 8 |" in choose  # per case: 4 validation cases x 2 seeds
+           "+0.0200 [+0.0200, +0.0200] | 8 of 8 |" in choose
+    # 4 validation cases x 2 seeds: each case's mean over the seeds is +0.0200, and whole cases are resampled
     assert "| 2 | `bcp_alpha=0.3` | 1000 + 1000 = 2000 | 0: – | – | – | – | – |" in choose  # a row without them
     assert "0.8300" not in choose and "| 0 | 0.8000 | 0.8300 |" in paired
     assert "| labeled_continue_k2_s0 | 2 | 0 | labeled_k2_s0 (1000) | 1000 | 0.8000 | 0.8000 | 0.8000 | 0.7000 |" in text
@@ -763,6 +784,15 @@ def test_acdc_benchmark_table_pairs_the_arms_that_started_from_the_same_model(tm
     assert "| +0.1200 [+0.1200, +0.1200], 5/5 | +0.0700 [" in one_command  # vs (a) and (c) of 300 after L's 1000
     assert "(d) − (b), the one command against the two-command recipe at 1300 iterations in all, per volume: " \
            "+0.0200 [+0.0200, +0.0200], better in 5/5" in text
+    # another L's continuations (another machine's series) and a longer continuation of L1 change no pairing
+    gpu_l = {**_acdc_row(acdc, "labeled_continue", 300, 0.1, "L on the GPU"), "device": "cuda",
+             "run": acdc.run_name("labeled_continue", "paper3", 300, 1000, suffix="_gpu")}
+    longer = _acdc_row(acdc, "labeled_continue", 1000, 0.2, "L1")
+    text = _acdc_table_text(acdc, rows + [gpu_l, longer], tmp_path)
+    bcp = [line for line in text.splitlines() if line.startswith("| (b)")]
+    assert "+0.1000 [+0.1000, +0.1000], 5/5" in bcp[0]
+    one_command = next(line for line in text.splitlines() if line.startswith("| (d)"))
+    assert "| +0.1200 [+0.1200, +0.1200], 5/5 | +0.0700 [" in one_command
 
 
 def test_acdc_benchmark_table_tells_two_runs_of_one_arm_apart_by_their_series(tmp_path):
