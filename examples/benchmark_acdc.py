@@ -597,14 +597,18 @@ def converged_budget(validation_dice: dict, start: int) -> tuple:
 
 
 def labeled_validation_dice(args) -> dict:
-    """``{iterations: mean validation Dice}`` of the set's L's of this series: the rows of ``--results`` and the
-    models kept in the work folder (a GPU machine's results file starts empty at each call, its models stay)."""
+    """``{iterations: mean validation Dice}`` of the set's L's of this series and of the work folder's plans (its
+    batch size): the rows of ``--results`` and the models kept in the work folder (a GPU machine's results file
+    starts empty at each call, its models stay)."""
     models = join(args.work_dir, "models")
     kept = sorted(os.listdir(models)) if os.path.isdir(models) else []
     rows = common.load_rows(args.results) + [load_json(join(models, name, "result.json")) for name in kept
                                              if common.model_done(args.work_dir, name)]
+    bench = join(args.work_dir, "acdc_bench.json")
+    plans = load_json(bench)["plans"] if isfile(bench) else None
     return {row["iterations"]: row["validation_dice_mean"] for row in rows if row["arm"] == "labeled"
-            and row.get("labeled_set") == args.labeled_set and series(row) == args.name_suffix}
+            and row.get("labeled_set") == args.labeled_set and series(row) == args.name_suffix
+            and row.get("plans", plans) == plans}
 
 
 def search_converged_labeled(args, base: list) -> int:

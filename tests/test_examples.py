@@ -1004,8 +1004,11 @@ def test_acdc_budget_search_applies_the_reading_rule_then_continues_from_the_con
     assert acdc.converged_budget({2000: 0.59, 4000: 0.595}, 1000) == (None, 1000)  # the search starts at its start
     results, work = tmp_path / "acdc.jsonl", tmp_path / "w"
     rows = [_acdc_row(acdc, "labeled", 1000, 0.5384), _acdc_row(acdc, "labeled", 2000, 0.5903),
-            dict(_acdc_row(acdc, "labeled", 4000, 0.9), run="labeled_paper3_it4000_gpu")]  # another series
+            dict(_acdc_row(acdc, "labeled", 4000, 0.9), run="labeled_paper3_it4000_gpu"),  # another series
+            dict(_acdc_row(acdc, "labeled", 4000, 0.9), plans="nnUNetPlans_bs8")]  # another batch size
     results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    work.mkdir()
+    (work / "acdc_bench.json").write_text(json.dumps({"batch_size": 4, "plans": "nnUNetPlans_bs4"}))
     args = argparse.Namespace(work_dir=str(work), labeled_set="paper3", device="cpu", results=str(results),
                               predictions=str(tmp_path / "p"), iterations_per_epoch=25, name_suffix="",
                               test_images=None, from_iterations="converged", search_start=1000, search_max=16000,
