@@ -435,6 +435,19 @@ def pseudo_label_quality(env: dict, raw: str, target_raw: str, work: str, name: 
             "pseudo_labeled_cases": len(record["pseudo_labeled"])}
 
 
+CODE_PER_START = "bench_code_per_start.json"  # in <work>/runs/<run>: the code of each start of the run
+
+
+def code_per_start(run_dir: str, resumed: bool) -> list:
+    """The code versions the run trained with, one per start, this one last: a run resumed after the code changed
+    was trained by more than one."""
+    path = join(run_dir, CODE_PER_START)
+    codes = load_json(path) if resumed and isfile(path) else []
+    codes.append(code_version())
+    save_json(codes, path)
+    return codes
+
+
 def code_version() -> str:
     """The commit the run's code is at, ``+changes`` when the work tree differs from it (``BENCH_CODE_VERSION`` where
     the code travelled without its git history, e.g. to the device machine)."""
@@ -504,6 +517,7 @@ def run(args) -> dict:
     env, _ = common.run_environment(work, name, subset, resume=earlier is not None, dataset=DATASET_NAME)
     if earlier is None:
         save_json(started, join(run_dir, common.RUN_START), sort_keys=False)
+    codes = code_per_start(run_dir, resumed=earlier is not None)
     # the run's own raw root: (c) writes its pseudo-labeled dataset there
     own_raw = join(run_dir, "nnUNet_raw")
     if not os.path.isdir(join(own_raw, DATASET_NAME)):
@@ -568,6 +582,8 @@ def run(args) -> dict:
         print(f"{name}: HD95 and the largest-component metrics failed ({error!r}); run add-metrics later", flush=True)
     if earlier is not None:
         result["resumed_at_epoch"] = earlier["epoch"]
+    if len(set(codes)) > 1:
+        result["code_per_start"] = codes
     if trainer == "BenchBCP":
         result["bcp_settings"] = load_json(join(fold_dir, "bcp_settings.json"))
     kept = join(work, "models", name)

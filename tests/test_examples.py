@@ -1031,3 +1031,12 @@ def test_acdc_budget_search_applies_the_reading_rule_then_continues_from_the_con
     with pytest.raises(SystemExit, match="not converged by --search-max 2000"):
         acdc.protocol(argparse.Namespace(**{**vars(args), "search_max": 2000, "dry_run": False,
                                             "work_dir": str(tmp_path / "w2")}))
+
+
+def test_acdc_run_records_the_code_of_each_of_its_starts(tmp_path, monkeypatch):
+    acdc = _load("benchmark_acdc")
+    monkeypatch.setenv("BENCH_CODE_VERSION", "aaa1111")
+    assert acdc.code_per_start(str(tmp_path), resumed=False) == ["aaa1111"]
+    monkeypatch.setenv("BENCH_CODE_VERSION", "bbb2222")
+    assert acdc.code_per_start(str(tmp_path), resumed=True) == ["aaa1111", "bbb2222"]  # resumed on other code
+    assert acdc.code_per_start(str(tmp_path), resumed=False) == ["bbb2222"]  # started over
