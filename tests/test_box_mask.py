@@ -78,3 +78,14 @@ def test_mask_is_reproducible_with_a_generator():
     a = random_box_mask((16, 16, 16), 2, generator=torch.Generator().manual_seed(5))
     b = random_box_mask((16, 16, 16), 2, generator=torch.Generator().manual_seed(5))
     assert torch.equal(a, b) and a.dtype == torch.float32
+
+
+def test_masks_and_pseudo_labels_are_downsampled_as_nnunet_downsamples_its_targets():
+    """The pseudo-labels and origin masks meet nnU-Net's own deep-supervision targets voxel by voxel: a random label
+    map (edges off any grid) resized by downsample_mask equals batchgeneratorsv2's DownsampleSegForDSTransform."""
+    from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
+    segmentation = torch.randint(0, 3, (1, 20, 18, 13), generator=torch.Generator().manual_seed(0)).to(torch.int16)
+    scales = [[1, 1, 1], [0.5, 0.5, 1], [0.25, 0.25, 0.5]]
+    theirs = DownsampleSegForDSTransform(scales)(segmentation=segmentation)["segmentation"]
+    for target in theirs:
+        assert torch.equal(downsample_mask(segmentation[None], target.shape[1:])[0], target)

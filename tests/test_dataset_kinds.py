@@ -261,6 +261,7 @@ def test_mixed_inputs_and_targets_of_both_stages(kind, request, tmp_path, monkey
     assert torch.equal(images, _images(mixed_codes, channels))
     sources = set(range(1, batch + 1)) | set(range(-batch, 0))
     inward = _check_mixing(trainer, mixed_codes, sources, lambda code: code < 0)  # X^in: the unlabeled box
+    assert abs(2 * sum(inward) - batch) <= 1  # half of the batch goes each way (an odd one's spare either way)
     for j in range(1, batch + 1):  # every labeled and every unlabeled patch is used once
         assert sum(bool((s == j).any()) for s in mixed_codes) == 1
         assert sum(bool((s == -j).any()) for s in mixed_codes) == 1

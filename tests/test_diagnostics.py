@@ -6,13 +6,36 @@ import torch
 from matplotlib.image import imread
 
 from nnunetv2_bcp.training.diagnostics import (PROGRESS_JSON, PROGRESS_PNG, classes_below_share, epoch_figures,
-                                               record_progress, skipped_step_figures)
+                                               record_progress, skipped_step_figures, step_figures)
 
 
 def _figures(num_classes, value):
     return {"bcp_loss_labeled": torch.tensor(value), "bcp_loss_unlabeled": torch.tensor(2 * value),
             "bcp_agreement": torch.tensor(0.5), "bcp_pseudo_fg_fraction": torch.full((num_classes,), value),
             "bcp_labeled_fg_fraction": torch.full((num_classes,), 0.1)}
+
+
+class _Labels:
+    """nnU-Net's label manager as step_figures reads it: labels 0, 1, 2."""
+    has_regions = False
+    foreground_labels = [1, 2]
+
+
+def test_step_figures_agreement_counts_the_unlabeled_origin_voxels_only():
+    """Student and mixed target agree on 3 of the 4 unlabeled-origin voxels and disagree on every labeled-origin one:
+    the agreement is 0.75, whatever the labeled-origin voxels hold."""
+    target = torch.tensor([[[0, 1, 2, 2, 1, 1]]])  # (B, 1, X): label map
+    from_labeled = torch.tensor([[[True, True, False, False, False, False]]])
+    student = torch.tensor([[2, 0, 2, 2, 1, 0]])  # labeled-origin voxels all wrong; the last unlabeled one wrong
+    logits = torch.nn.functional.one_hot(student, 3).movedim(-1, 1).float()  # (B, 3, X)
+    pseudo = torch.tensor([[[1, 1, 0, 2]]])
+    labeled = torch.tensor([[[2, 0, 0, 0]]])
+    figures = step_figures(logits, target, from_labeled, pseudo, labeled, torch.tensor([0.3, 0.7]), _Labels())
+    assert figures["bcp_agreement"].item() == 0.75
+    assert torch.equal(figures["bcp_pseudo_fg_fraction"], torch.tensor([0.5, 0.25]))
+    assert torch.equal(figures["bcp_labeled_fg_fraction"], torch.tensor([0.0, 0.25]))
+    assert torch.allclose(torch.stack([figures["bcp_loss_labeled"], figures["bcp_loss_unlabeled"]]),
+                          torch.tensor([0.3, 0.7]))
 
 
 def test_epoch_means_leave_skipped_steps_out():

@@ -233,13 +233,26 @@ def test_stage_two_loss_depends_on_the_unlabeled_images(trainer):
     # the default's step adds nnU-Net's loss on the un-mixed labeled patches (test_stages.py checks that term)
     supervised = float(a["loss"]) - float(figures["bcp_loss_labeled"]) - 0.5 * float(figures["bcp_loss_unlabeled"])
     assert trainer.bcp_labeled_loss_weight == 1.0 and abs(supervised) > 1e-4  # nnU-Net's loss can be negative
-    trainer.bcp_labeled_loss_weight = 0.0  # the paper's loss alone: the step's loss is its two α-weighted terms
+    # the paper's loss alone: the step's loss is its two α-weighted terms (an α other than the default)
+    trainer.bcp_labeled_loss_weight, trainer.bcp_alpha = 0.0, 0.3
     _restore(trainer, state)
     trainer.bcp_iteration = 0
     torch.manual_seed(1)
     paper = trainer.stage_two_step(labeled, unlabeled)
     figures = paper["bcp"]
-    assert np.isclose(paper["loss"], figures["bcp_loss_labeled"] + 0.5 * figures["bcp_loss_unlabeled"], rtol=1e-5)
+    assert np.isclose(paper["loss"], figures["bcp_loss_labeled"] + 0.3 * figures["bcp_loss_unlabeled"], rtol=1e-5)
+    # the box: bcp_mask_ratio of the patch per axis (on the stride grid), one box for the batch
+    from nnunetv2_bcp.bcp import box_size
+    patch = trainer.configuration_manager.patch_size
+    for ratio in (0.5, 0.8):
+        trainer.bcp_mask_ratio = ratio
+        mask = trainer._random_mask(2)
+        inside = int((mask[0, 0] == 0).sum())
+        assert inside == int(np.prod(box_size(patch, ratio, trainer.bcp_box_stride())))
+        assert torch.equal(mask[0], mask[1])
+    # half of each batch goes each way, drawn anew at each step (nnU-Net puts its forced-foreground patches last)
+    draws = {tuple(trainer.draw_directions(4).tolist()) for _ in range(30)}
+    assert all(sum(d) == 2 for d in draws) and len(draws) > 1
 
 
 def test_teacher_is_the_ema_of_the_student_trajectory(trainer):
