@@ -1,8 +1,10 @@
 """bcp_teacher_weak_view: the teacher labels each unlabeled patch after the spatial transforms only, the student
 learns on the same patch with nnU-Net's intensity augmentation on top."""
+import numpy as np
 import torch
 from batchgeneratorsv2.transforms.intensity.gaussian_noise import GaussianNoiseTransform
 from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
+from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
@@ -29,10 +31,14 @@ def test_weak_view_has_the_geometry_of_the_full_view_without_its_intensity_augme
     image = torch.arange(16 * 20 * 12, dtype=torch.float32).reshape(1, *patch) / 1000
     seg = torch.zeros(1, *patch, dtype=torch.int16)
     torch.manual_seed(0)
+    np.random.seed(0)  # the spatial transform draws with numpy
     _set_intensity_probability(transforms, 0.0)
+    spatial = next(t for t in transforms.transforms if isinstance(t, SpatialTransform))
+    spatial.p_rotation = spatial.p_scaling = 1.0  # the geometry always changes
     out = transforms(image=image.clone(), segmentation=seg.clone())["image"]
     strong, weak = split_views(out[None])
     assert out.shape[0] == 2 and torch.equal(strong, weak)  # nothing but geometry: the views are the same
+    assert not torch.allclose(weak.reshape(image.shape), image)  # ... and the weak view has that geometry
     _set_intensity_probability(transforms, 1.0)
     for t in transforms.transforms:  # keep only the noise, always on
         if isinstance(t, RandomTransform) and not isinstance(t.transform, GaussianNoiseTransform):
