@@ -448,18 +448,18 @@ def code_per_start(run_dir: str, resumed: bool) -> list:
     return codes
 
 
-def code_version() -> str:
-    """The commit the run's code is at, ``+changes`` when the work tree differs from it (``BENCH_CODE_VERSION`` where
-    the code travelled without its git history, e.g. to the device machine)."""
+def code_version(root: str = join(HERE, os.pardir)) -> str:
+    """The commit the run's code is at, ``+changes`` when its tracked files differ from it outside
+    ``examples/results``, where the runs append their rows (``BENCH_CODE_VERSION`` where the code travelled without
+    its git history, e.g. to the device machine)."""
     import subprocess
     if os.environ.get("BENCH_CODE_VERSION"):
         return os.environ["BENCH_CODE_VERSION"]
-    root = join(HERE, os.pardir)
     try:
         commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)examples/results"], capture_output=True, text=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + ("+changes" if dirty else "")
