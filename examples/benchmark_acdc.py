@@ -443,26 +443,9 @@ def code_per_start(run_dir: str, resumed: bool) -> list:
     was trained by more than one."""
     path = join(run_dir, CODE_PER_START)
     codes = load_json(path) if resumed and isfile(path) else []
-    codes.append(code_version())
+    codes.append(common.code_version())
     save_json(codes, path)
     return codes
-
-
-def code_version(root: str = join(HERE, os.pardir)) -> str:
-    """The commit the run's code is at, ``+changes`` when its tracked files differ from it outside
-    ``examples/results``, where the runs append their rows (``BENCH_CODE_VERSION`` where the code travelled without
-    its git history, e.g. to the device machine)."""
-    import subprocess
-    if os.environ.get("BENCH_CODE_VERSION"):
-        return os.environ["BENCH_CODE_VERSION"]
-    try:
-        commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)examples/results"], capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("+changes" if dirty else "")
 
 
 def epoch_seconds(checkpoint: str) -> float:
@@ -574,7 +557,7 @@ def run(args) -> dict:
               "wall_seconds": round(time.time() - start), **extra,
               "test_predictions": os.path.relpath(predictions, os.path.join(HERE, os.pardir)),
               "test_images": os.path.abspath(test_images), "date": time.strftime("%Y-%m-%d"),
-              "environment": started["environment"], "code": code_version(), "command": reproduce_command(args)}
+              "environment": started["environment"], "code": common.code_version(), "command": reproduce_command(args)}
     result.update(validation_metrics(fold_dir))
     try:  # optional figures: a failure here must not lose the trained run (add-metrics can compute them later)
         result.update(extra_metrics(fold_dir, join(raw, "labelsTr"), join(work, f"largest_component_{name}")))
@@ -884,7 +867,7 @@ def add_metrics(args):
         if not metrics:
             raise SystemExit("add-metrics needs MONAI: pip install monai")
         common.append_row(args.extra_results, {"run": row["run"], "of": fingerprint(row), **metrics,
-                                               "code": code_version()})
+                                               "code": common.code_version()})
         print(f"{row['run']}: HD95 {hd95_cell(metrics)}; largest component kept: Dice "
               f"{metrics[f'{LARGEST_COMPONENT}_dice_mean']:.4f}, HD95 {hd95_cell(metrics, LARGEST_COMPONENT)}",
               flush=True)

@@ -279,6 +279,22 @@ def run_environment(work: str, name: str, subset: dict = None, resume: bool = Fa
     return env, own
 
 
+def code_version(root: str = join(HERE, os.pardir)) -> str:
+    """The commit the run's code is at, ``+changes`` when its tracked files differ from it outside
+    ``examples/results``, where the runs append their rows (``BENCH_CODE_VERSION`` where the code travelled without
+    its git history, e.g. to the device machine)."""
+    if os.environ.get("BENCH_CODE_VERSION"):
+        return os.environ["BENCH_CODE_VERSION"]
+    try:
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)examples/results"], capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+changes" if dirty else "")
+
+
 def append_row(path: str, row: dict) -> None:
     """One line, one write, under an exclusive lock: parallel runs never interleave their rows."""
     import fcntl
@@ -505,7 +521,7 @@ def run(args) -> dict:
               "device": args.device, "num_test": len(summary["metric_per_case"]),
               "test_set": os.path.abspath(args.test_labels) if args.test_labels else "split", "trainer": trainer,
               "plans": PLANS, "date": time.strftime("%Y-%m-%d"),
-              "environment": started["environment"],
+              "environment": started["environment"], "code": code_version(),
               "command": reproduce_command(args, args.arm, k, settings)}
     result.update(validation_figures(join(results_folder, "fold_0"), dataset_json["file_ending"], labels))
     if earlier is not None:

@@ -1042,9 +1042,9 @@ def test_acdc_run_records_the_code_of_each_of_its_starts(tmp_path, monkeypatch):
     assert acdc.code_per_start(str(tmp_path), resumed=False) == ["bbb2222"]  # started over
 
 
-def test_acdc_code_version_counts_changed_code_not_the_rows_runs_append(tmp_path, monkeypatch):
+def test_benchmark_code_version_counts_changed_code_not_the_rows_runs_append(tmp_path, monkeypatch):
     import subprocess
-    acdc = _load("benchmark_acdc")
+    bench = _load("benchmark_label_scarce")
     monkeypatch.delenv("BENCH_CODE_VERSION", raising=False)
     os.makedirs(tmp_path / "examples" / "results")
     (tmp_path / "examples" / "results" / "acdc.jsonl").write_text("{}\n")
@@ -1059,6 +1059,6 @@ def test_acdc_code_version_counts_changed_code_not_the_rows_runs_append(tmp_path
     commit = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     (tmp_path / "examples" / "results" / "acdc.jsonl").write_text("{}\n{}\n")  # a run appended its row
-    assert acdc.code_version(str(tmp_path)) == commit
+    assert bench.code_version(str(tmp_path)) == commit
     (tmp_path / "examples" / "benchmark_acdc.py").write_text("x = 2\n")
-    assert acdc.code_version(str(tmp_path)) == commit + "+changes"
+    assert bench.code_version(str(tmp_path)) == commit + "+changes"

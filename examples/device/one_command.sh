@@ -11,7 +11,7 @@
 # by the rule in docs/benchmarks.md ("Choosing the one command's stages").
 #
 # THE CALLS: as examples/device/protocol.sh's (call 1 installs; call 2 follows within the 30 s the machine stays warm):
-#   2. run(command="bash examples/device_check.sh --skip-tests --skip-cost --budget 585 -- bash examples/device/one_command.sh",
+#   2. run(command="CODE_VERSION=$(git rev-parse --short HEAD) bash examples/device_check.sh --skip-tests --skip-cost --budget 585 -- bash examples/device/one_command.sh",
 #          carry=[".device/bench"], timeout_s=600)
 # BUDGET (not measured yet): from the rows of 2026-11-27 (cuda), 1000 nnU-Net iterations took ~150 s with 3 runs at
 # once and 1000 BCP iterations 230-320 s with 6-9 at once: ~500 s for a BCP run here. A call stopped by its limit,
@@ -27,7 +27,7 @@ WORK=${WORK:-.device/bench} SEEDS=${SEEDS:-"0 1 2"} K=${K:-2} ITERATIONS=${ITERA
 CANDIDATES=${CANDIDATES:-}
 PYTHON=${PYTHON:-python3} OUT=${OUT:-.device/out}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
-export nnUNet_n_proc_DA=${nnUNet_n_proc_DA:-2} PYTHONUNBUFFERED=1
+export nnUNet_n_proc_DA=${nnUNet_n_proc_DA:-2} PYTHONUNBUFFERED=1 BENCH_CODE_VERSION=${CODE_VERSION:-unknown}
 pids=()
 for seed in $SEEDS; do
     arms=("bcp --plugin-defaults" "labeled")

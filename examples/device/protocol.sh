@@ -17,7 +17,7 @@
 # give_back). The installation of call 1 (.device/site, ignored) stays on the warm machine; call 2 must follow within
 # the 30 s it stays warm. .whl (48 MB) and .device/bench (58 MB) do not fit in one call's 64 MiB.
 #   1. run(command="bash examples/device_check.sh --skip-tests --skip-cost", carry=[".whl"], timeout_s=150)
-#   2. run(command="bash examples/device_check.sh --skip-tests --skip-cost --budget 585 -- bash examples/device/protocol.sh",
+#   2. run(command="CODE_VERSION=$(git rev-parse --short HEAD) bash examples/device_check.sh --skip-tests --skip-cost --budget 585 -- bash examples/device/protocol.sh",
 #          carry=[".device/bench"], timeout_s=600)
 #   Then: give_back(); append $OUT's label_scarce.jsonl (under files_at) to examples/results/hippocampus_label_scarce.jsonl
 #   here and run `python examples/benchmark_label_scarce.py table`.
@@ -43,7 +43,7 @@ JOBS=${JOBS:-9} NO_START_AFTER=${NO_START_AFTER:-300}
 BCP=${BCP-"bcp_labeled_loss_weight=1"} CANDIDATES=${CANDIDATES-""}
 OUT=${OUT:-.device/out}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
-export nnUNet_n_proc_DA=${nnUNet_n_proc_DA:-2} PYTHONUNBUFFERED=1
+export nnUNet_n_proc_DA=${nnUNet_n_proc_DA:-2} PYTHONUNBUFFERED=1 BENCH_CODE_VERSION=${CODE_VERSION:-unknown}
 B=("$PYTHON" examples/benchmark_label_scarce.py)
 C=()
 set -f  # settings are JSON values: no glob expansion of e.g. [4,4,4]
