@@ -716,6 +716,11 @@ def arm_label(row: dict) -> str:
     return ARM_LABELS[row["arm"]] + (f" `{suffix}`" if suffix else "")
 
 
+def iterations_cell(row: dict) -> str:
+    """A run's iterations, with those of the L a continuation started from (arms from two Ls share a table)."""
+    return f"{row['iterations']}" + (f" (from L's {row['from_iterations']})" if row.get("from_iterations") else "")
+
+
 def named_if_in_a_series(row: dict) -> str:
     """`` (`<run>`)`` for a run of another series, '' for the main one."""
     return f" (`{row['run']}`)" if series(row) else ""
@@ -761,7 +766,9 @@ def set_table(labeled_set: str, rows: list) -> str:
     by_arm = {}
     for r in latest:
         by_arm.setdefault(r["arm"], []).append(r)
-    ordered = [r for arm in ARMS for r in sorted(by_arm.get(arm, []), key=lambda r: (r["iterations"], r["run"]))]
+    def order(r):
+        return r.get("from_iterations") or 0, r["iterations"], r["run"]
+    ordered = [r for arm in ARMS for r in sorted(by_arm.get(arm, []), key=order)]
     lines = [f"**{labeled_set}** (labeled patients: {', '.join(by_arm.get('labeled', rows)[0]['labeled_patients'])})",
              "", "| arm | iterations | validation Dice mean | RV / MYO / LV | IoU mean | HD95 mean (voxels) | "
              "− (a) per volume [95% CI over patients], better in | − (c) per volume [95% CI over patients] | "
@@ -770,7 +777,7 @@ def set_table(labeled_set: str, rows: list) -> str:
     for r in ordered:
         cells = paired_cells(r, by_arm, "validation")
         per_class = " / ".join(f"{r['validation_dice_per_class'][str(c)]:.3f}" for c in CLASSES)
-        lines.append(f"| {arm_label(r)} | {r['iterations']} | {r['validation_dice_mean']:.4f} | {per_class} | "
+        lines.append(f"| {arm_label(r)} | {iterations_cell(r)} | {r['validation_dice_mean']:.4f} | {per_class} | "
                      f"{r['validation_iou_mean']:.4f} | {hd95_cell(r)} | {cells[0]} | {cells[1]} | "
                      f"{r['train_seconds']} ({r['seconds_per_iteration']}, {r['device']}) | `{r['command']}` |")
     lines += one_command_against_two(by_arm)
@@ -782,7 +789,7 @@ def set_table(labeled_set: str, rows: list) -> str:
         for r in kept:
             cells = paired_cells(r, by_arm, LARGEST_COMPONENT)
             per_class = " / ".join(f"{r[f'{LARGEST_COMPONENT}_dice_per_class'][str(c)]:.3f}" for c in CLASSES)
-            lines.append(f"| {arm_label(r)} | {r['iterations']} | {r[f'{LARGEST_COMPONENT}_dice_mean']:.4f} | "
+            lines.append(f"| {arm_label(r)} | {iterations_cell(r)} | {r[f'{LARGEST_COMPONENT}_dice_mean']:.4f} | "
                          f"{per_class} | {hd95_cell(r, LARGEST_COMPONENT)} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 

@@ -773,13 +773,14 @@ def test_acdc_benchmark_table_pairs_the_arms_that_started_from_the_same_model(tm
     assert acdc.run_name("ceiling", "paper3", 1300, 1000) == "ceiling_it1300"
     rows = [_acdc_row(acdc, "labeled", 1000, 0.5), _acdc_row(acdc, "labeled_continue", 300, 0.6, "L1"),
             _acdc_row(acdc, "bcp_continue", 300, 0.7, "L1"), _acdc_row(acdc, "pseudo_continue", 300, 0.65, "L1"),
-            _acdc_row(acdc, "bcp_continue", 500, 0.9, "another L"),  # from another L: not paired
+            _acdc_row(acdc, "bcp_continue", 500, 0.9, "another L", 4000),  # from another L: not paired
             _acdc_row(acdc, "bcp", 1300, 0.72)]  # from scratch: paired by its total iterations
     text = _acdc_table_text(acdc, rows, tmp_path)
     assert text.startswith("# Benchmarks\n") and acdc.TABLE_START in text
     bcp = [line for line in text.splitlines() if line.startswith("| (b)")]
     assert "+0.1000 [+0.1000, +0.1000], 5/5" in bcp[0] and "+0.0500 [" in bcp[0]  # vs (a) and vs (c)
-    assert "| 500 | 0.9000 |" in bcp[1] and "+0." not in bcp[1]
+    assert "| 300 (from L's 1000) | 0.7000 |" in bcp[0]  # the L each continuation started from is named
+    assert "| 500 (from L's 4000) | 0.9000 |" in bcp[1] and "+0." not in bcp[1]
     one_command = next(line for line in text.splitlines() if line.startswith("| (d)"))
     assert "| +0.1200 [+0.1200, +0.1200], 5/5 | +0.0700 [" in one_command  # vs (a) and (c) of 300 after L's 1000
     assert "(d) − (b), the one command against the two-command recipe at 1300 iterations in all, per volume: " \
