@@ -6,7 +6,7 @@ import torch
 from matplotlib.image import imread
 
 from nnunetv2_bcp.training.diagnostics import (PROGRESS_JSON, PROGRESS_PNG, classes_below_share, epoch_figures,
-                                               record_progress, skipped_step_figures, step_figures)
+                                               progress_figure, record_progress, skipped_step_figures, step_figures)
 
 
 def _figures(num_classes, value):
@@ -59,3 +59,20 @@ def test_progress_file_and_picture_with_many_classes(tmp_path):
     picture = imread(str(tmp_path / PROGRESS_PNG))
     assert picture.shape[0] > 500 and picture.shape[1] > 500 and picture.std() > 0
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_progress_figure_draws_each_origin_class_and_the_stage_start_where_it_says():
+    history = [{"epoch": e, "bcp_loss_labeled": 0.1 * e, "bcp_loss_unlabeled": 0.2 * e, "bcp_agreement": 0.9 - 0.01 * e,
+                "bcp_pseudo_fg_fraction": [0.01 * e, 0.02 * e], "bcp_labeled_fg_fraction": [0.03, 0.04]}
+               for e in (7, 8, 9)]
+    figure = progress_figure(history, ["RV", "LV"])
+    loss, share, agreement = figure.axes
+
+    def drawn(ax):
+        return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+    assert drawn(loss)["labeled-origin voxels"] == ([7, 8, 9], [0.1 * e for e in (7, 8, 9)])
+    assert drawn(loss)["unlabeled-origin voxels"][1] == [0.2 * e for e in (7, 8, 9)]
+    assert np.allclose(drawn(share)["LV: teacher's pseudo-labels"][1], [0.02 * e for e in (7, 8, 9)])
+    assert np.allclose(drawn(share)["RV: labeled patches"][1], [0.03] * 3)
+    assert np.allclose(drawn(agreement)["student = teacher"][1], [0.83, 0.82, 0.81])
+    assert all(list(drawn(ax)["stage 2 starts"][0]) == [7, 7] for ax in figure.axes)

@@ -82,6 +82,16 @@ def record_progress(output_folder: str, epoch: int, figures: dict, class_names: 
 
 
 def plot_progress(history: List[dict], class_names: Sequence[str], path: str) -> None:
+    """Draw :func:`progress_figure` to ``path`` (through a temporary file: a reader never sees half a picture)."""
+    import matplotlib.pyplot as plt
+    fig = progress_figure(history, class_names)
+    temporary = path + ".tmp.png"
+    fig.savefig(temporary)
+    plt.close(fig)
+    os.replace(temporary, path)
+
+
+def progress_figure(history: List[dict], class_names: Sequence[str]):
     """Three panels over the epochs: loss per origin, pseudo-label vs labeled foreground share per class, agreement;
     a vertical line where stage 2 starts (its first recorded epoch)."""
     import matplotlib
@@ -107,7 +117,4 @@ def plot_progress(history: List[dict], class_names: Sequence[str], path: str) ->
         ax.axvline(epochs[0], color="k", ls=":", label="stage 2 starts")
         ax.legend(loc="best", fontsize="small", ncol=max(1, len(class_names) // 8 + 1) if ax is axes[1] else 1)
     fig.tight_layout()
-    temporary = path + ".tmp.png"
-    fig.savefig(temporary)
-    plt.close(fig)
-    os.replace(temporary, path)
+    return fig
