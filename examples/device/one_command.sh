@@ -11,8 +11,10 @@
 # by the rule in docs/benchmarks.md ("Choosing the one command's stages").
 #
 # THE CALLS: as examples/device/protocol.sh's (call 1 installs; call 2 follows within the 30 s the machine stays warm):
-#   2. run(command="CODE_VERSION=$(git rev-parse --short HEAD) bash examples/device_check.sh --skip-tests --skip-cost --budget 585 -- bash examples/device/one_command.sh",
+#   2. run(command="CODE_VERSION=COMMIT bash examples/device_check.sh --skip-tests --skip-cost --budget 585 -- bash examples/device/one_command.sh",
 #          carry=[".device/bench"], timeout_s=600)
+#      (COMMIT: this checkout's `git rev-parse --short HEAD`, written into the command; the device copy has no git
+#      history, and the rows record it as their code version)
 # BUDGET (not measured yet): from the rows of 2026-11-27 (cuda), 1000 nnU-Net iterations took ~150 s with 3 runs at
 # once and 1000 BCP iterations 230-320 s with 6-9 at once: ~500 s for a BCP run here. A call stopped by its limit,
 # run again on the warm machine, resumes each run from its latest checkpoint (every 10 epochs on a GPU).

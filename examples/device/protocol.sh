@@ -17,8 +17,10 @@
 # give_back). The installation of call 1 (.device/site, ignored) stays on the warm machine; call 2 must follow within
 # the 30 s it stays warm. .whl (48 MB) and .device/bench (58 MB) do not fit in one call's 64 MiB.
 #   1. run(command="bash examples/device_check.sh --skip-tests --skip-cost", carry=[".whl"], timeout_s=150)
-#   2. run(command="CODE_VERSION=$(git rev-parse --short HEAD) bash examples/device_check.sh --skip-tests --skip-cost --budget 585 -- bash examples/device/protocol.sh",
+#   2. run(command="CODE_VERSION=COMMIT bash examples/device_check.sh --skip-tests --skip-cost --budget 585 -- bash examples/device/protocol.sh",
 #          carry=[".device/bench"], timeout_s=600)
+#      (COMMIT: this checkout's `git rev-parse --short HEAD`, written into the command; the device copy has no git
+#      history, and the rows record it as their code version)
 #   Then: give_back(); append $OUT's label_scarce.jsonl (under files_at) to examples/results/hippocampus_label_scarce.jsonl
 #   here and run `python examples/benchmark_label_scarce.py table`.
 # .whl: see examples/device_check.sh's header. .device/bench is made here with:
