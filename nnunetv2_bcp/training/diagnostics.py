@@ -83,8 +83,8 @@ def record_progress(output_folder: str, epoch: int, figures: dict, class_names: 
 
 def plot_progress(history: List[dict], class_names: Sequence[str], path: str) -> None:
     """Draw :func:`progress_figure` to ``path`` (through a temporary file: a reader never sees half a picture)."""
+    fig = progress_figure(history, class_names)  # selects the agg backend before pyplot is imported here
     import matplotlib.pyplot as plt
-    fig = progress_figure(history, class_names)
     temporary = path + ".tmp.png"
     fig.savefig(temporary)
     plt.close(fig)
