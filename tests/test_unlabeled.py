@@ -597,14 +597,10 @@ def test_a_dataset_json_listing_its_cases_is_read_not_rewritten(dataset_copy):
     assert found == (folder, [f"unl_{i:03d}" for i in range(4)])
 
 
-def test_a_pseudo_label_dataset_of_a_dataset_json_listing_its_cases_lists_its_own_files(dataset_copy, monkeypatch):
-    """The target's dataset.json must not keep the source's ``dataset`` entry: nnU-Net would preprocess the source's
-    files (every label, none of the pseudo-labeled images) instead of the target's."""
+def _stub_model_for_pseudo_labels(ds, dataset_json, monkeypatch, allowed_mirroring_axes=None) -> str:
+    """A model folder for ``write_pseudo_label_dataset`` whose predictor (nnU-Net's, replaced) writes a reference label
+    map per image and allows mirroring along ``allowed_mirroring_axes``, as a checkpoint would; returns the folder."""
     import nnunetv2.inference.predict_from_raw_data as predict_module
-    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
-    from nnunetv2_bcp.unlabeled.pseudo_label_dataset import write_pseudo_label_dataset
-    ds = dataset_copy
-    dataset_json = _with_dataset_key(ds)
     ending = dataset_json["file_ending"]
     cases = sorted(dataset_json["dataset"])
     save_json([{"train": cases[:4], "val": cases[4:]}], join(ds["preprocessed"], "splits_final.json"))
@@ -618,16 +614,43 @@ def test_a_pseudo_label_dataset_of_a_dataset_json_listing_its_cases_lists_its_ow
             pass
 
         def initialize_from_trained_model_folder(self, *args):
-            pass
+            self.allowed_mirroring_axes = allowed_mirroring_axes
 
         def predict_from_files(self, images, outputs, **kwargs):
             for output in outputs:
                 shutil.copy(a_label, output + ending)
 
     monkeypatch.setattr(predict_module, "nnUNetPredictor", CopyingPredictor)
+    return model
+
+
+def test_a_pseudo_label_dataset_of_a_dataset_json_listing_its_cases_lists_its_own_files(dataset_copy, monkeypatch):
+    """The target's dataset.json must not keep the source's ``dataset`` entry: nnU-Net would preprocess the source's
+    files (every label, none of the pseudo-labeled images) instead of the target's."""
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+    from nnunetv2_bcp.unlabeled.pseudo_label_dataset import write_pseudo_label_dataset
+    ds = dataset_copy
+    dataset_json = _with_dataset_key(ds)
+    cases = sorted(dataset_json["dataset"])
+    model = _stub_model_for_pseudo_labels(ds, dataset_json, monkeypatch)
     target = str(ds["raw"]) + "_pseudo"
     record = write_pseudo_label_dataset(ds["raw"], ds["preprocessed"], target, model, 0, device="cpu")
     assert record["pseudo_labeled"] == [f"unl_{i:03d}" for i in range(4)]
     listed = get_filenames_of_train_images_and_targets(target, load_json(join(target, "dataset.json")))
     assert sorted(listed) == sorted(cases + record["pseudo_labeled"])
     assert all(entry["label"].startswith(join(target, "labelsTr")) for entry in listed.values())
+
+
+@pytest.mark.parametrize("allowed, requested, recorded", [(None, True, None), ((0, 1, 2), False, None),
+                                                           ((0, 1, 2), True, [0, 1, 2])])
+def test_the_pseudo_label_record_names_the_axes_the_predictor_mirrored(dataset_copy, monkeypatch, allowed,
+                                                                       requested, recorded):
+    """nnU-Net mirrors only along the axes the model allows (none for a model trained without mirroring), whatever
+    was requested: the record says what was done."""
+    from nnunetv2_bcp.unlabeled.pseudo_label_dataset import write_pseudo_label_dataset
+    ds = dataset_copy
+    model = _stub_model_for_pseudo_labels(ds, _with_dataset_key(ds), monkeypatch, allowed)
+    target = str(ds["raw"]) + "_pseudo"
+    record = write_pseudo_label_dataset(ds["raw"], ds["preprocessed"], target, model, 0, device="cpu",
+                                        use_mirroring=requested)
+    assert record["mirror_axes"] == recorded and load_json(join(target, "bcp_pseudo_labels.json")) == record
