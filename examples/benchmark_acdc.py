@@ -693,8 +693,9 @@ def patient(volume: str) -> str:
 
 
 def volume_means(row: dict, prefix: str = "validation") -> dict:
-    """Per validation volume: the mean Dice over RV, MYO and LV."""
-    return {case: float(np.mean([m[str(c)]["Dice"] for c in CLASSES])) for case, m in
+    """Per validation volume: the mean Dice over RV, MYO and LV. A class absent from both the reference and the
+    prediction (Dice NaN in nnU-Net's evaluation) is left out, as nnU-Net's own means leave it out."""
+    return {case: float(np.nanmean([m[str(c)]["Dice"] for c in CLASSES])) for case, m in
             row[f"{prefix}_per_case"].items()}
 
 

@@ -796,6 +796,14 @@ def test_acdc_benchmark_table_pairs_the_arms_that_started_from_the_same_model(tm
     assert "| +0.1200 [+0.1200, +0.1200], 5/5 | +0.0700 [" in one_command
 
 
+def test_acdc_volume_means_leave_out_a_class_absent_from_both_maps_as_nnunet_does():
+    acdc = _load("benchmark_acdc")
+    row = {"validation_per_case": {"patient001_frame01": {"1": {"Dice": 0.5}, "2": {"Dice": 0.7}, "3": {"Dice": 0.9}},
+                                   "patient001_frame12": {"1": {"Dice": float("nan")}, "2": {"Dice": 0.6},
+                                                          "3": {"Dice": 0.8}}}}
+    assert acdc.volume_means(row) == pytest.approx({"patient001_frame01": 0.7, "patient001_frame12": 0.7})
+
+
 def test_acdc_benchmark_table_tells_two_runs_of_one_arm_apart_by_their_series(tmp_path):
     acdc = _load("benchmark_acdc")
     another = {**_acdc_row(acdc, "bcp", 1300, 0.74), "run": acdc.run_name("bcp", "paper3", 1300, suffix="_rule")}
