@@ -782,6 +782,7 @@ def set_table(labeled_set: str, rows: list) -> str:
                      f"{r['validation_iou_mean']:.4f} | {hd95_cell(r)} | {cells[0]} | {cells[1]} | "
                      f"{r['train_seconds']} ({r['seconds_per_iteration']}, {r['device']}) | `{r['command']}` |")
     lines += one_command_against_two(by_arm)
+    lines += budget_search(by_arm.get("labeled", []))
     kept = [r for r in ordered if f"{LARGEST_COMPONENT}_dice_mean" in r]
     if kept:
         lines += ["", f"{labeled_set}, each class's largest component kept (every arm alike, nothing tuned):", "",
@@ -807,6 +808,30 @@ def one_command_against_two(by_arm: dict) -> list:
                           f"{stats['mean']:+.4f} [{stats['ci'][0]:+.4f}, {stats['ci'][1]:+.4f}], better in "
                           f"{stats['better']}/{stats['n']} (Wilcoxon p over patients = {stats['p']:.2g})"
                           f"{hd95_difference(b, d)}."]
+    return lines
+
+
+def budget_search(labeled: list) -> list:
+    """Where L's budget search stands, per series of L runs: each doubling's gain per volume [95% CI over patients],
+    and the reading rule's verdict (``converged_budget``): the converged budget, or the next one to train."""
+    lines = []
+    for suffix in sorted({series(r) for r in labeled}):
+        by_budget = {r["iterations"]: r for r in labeled if series(r) == suffix}
+        steps = []
+        for budget in sorted(by_budget):
+            if 2 * budget in by_budget:
+                stats = common.paired_statistics(volume_means(by_budget[budget]), volume_means(by_budget[2 * budget]),
+                                                 cluster=patient)
+                steps.append(f"{budget} → {2 * budget} {stats['mean']:+.4f} [{stats['ci'][0]:+.4f}, "
+                             f"{stats['ci'][1]:+.4f}], better in {stats['better']}/{stats['n']}")
+        if not steps:
+            continue
+        converged, next_budget = converged_budget({b: r["validation_dice_mean"] for b, r in by_budget.items()},
+                                                  min(by_budget))
+        verdict = f"converged at {converged}" if converged else f"not converged, next budget {next_budget}"
+        lines += ["", f"L's budget search{f' (`{suffix}`)' if suffix else ''} (budgets double until the doubling "
+                      f"gains less than {CONVERGENCE_GAIN} mean validation Dice), per volume: {'; '.join(steps)}: "
+                      f"**{verdict}**."]
     return lines
 
 

@@ -804,6 +804,24 @@ def test_acdc_volume_means_leave_out_a_class_absent_from_both_maps_as_nnunet_doe
     assert acdc.volume_means(row) == pytest.approx({"patient001_frame01": 0.7, "patient001_frame12": 0.7})
 
 
+def test_acdc_table_says_where_each_series_of_l_stands_in_the_budget_search(tmp_path):
+    acdc = _load("benchmark_acdc")
+    rows = [_acdc_row(acdc, "labeled", 1000, 0.5), _acdc_row(acdc, "labeled", 2000, 0.6),
+            _acdc_row(acdc, "labeled", 4000, 0.605)]
+    gpu = [{**_acdc_row(acdc, "labeled", b, dice), "device": "cuda",
+            "run": acdc.run_name("labeled", "paper3", b, None, suffix="_gpu")} for b, dice in ((1000, 0.4), (2000, 0.5))]
+    searches = [line for line in _acdc_table_text(acdc, rows + gpu, tmp_path).splitlines() if "budget search" in line]
+    assert searches[0].startswith("L's budget search (budgets double until the doubling gains less than 0.01")
+    assert searches[0].endswith("1000 → 2000 +0.1000 [+0.1000, +0.1000], better in 5/5; 2000 → 4000 +0.0050 "
+                                "[+0.0050, +0.0050], better in 5/5: **converged at 2000**.")
+    assert searches[1].startswith("L's budget search (`_gpu`)")
+    assert searches[1].endswith("1000 → 2000 +0.1000 [+0.1000, +0.1000], better in 5/5: **not converged, next "
+                                "budget 4000**.")
+    assert len(searches) == 2
+    single = _acdc_table_text(acdc, rows[:1], tmp_path)  # one budget: no search to report yet
+    assert "budget search" not in single
+
+
 def test_acdc_benchmark_table_tells_two_runs_of_one_arm_apart_by_their_series(tmp_path):
     acdc = _load("benchmark_acdc")
     another = {**_acdc_row(acdc, "bcp", 1300, 0.74), "run": acdc.run_name("bcp", "paper3", 1300, suffix="_rule")}
