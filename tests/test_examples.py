@@ -809,7 +809,8 @@ def test_acdc_table_says_where_each_series_of_l_stands_in_the_budget_search(tmp_
     rows = [_acdc_row(acdc, "labeled", 1000, 0.5), _acdc_row(acdc, "labeled", 2000, 0.6),
             _acdc_row(acdc, "labeled", 4000, 0.605)]
     gpu = [{**_acdc_row(acdc, "labeled", b, dice), "device": "cuda",
-            "run": acdc.run_name("labeled", "paper3", b, None, suffix="_gpu")} for b, dice in ((1000, 0.4), (2000, 0.5))]
+            "run": acdc.run_name("labeled", "paper3", b, None, suffix="_gpu")}
+           for b, dice in ((1000, 0.4), (2000, 0.5))]
     searches = [line for line in _acdc_table_text(acdc, rows + gpu, tmp_path).splitlines() if "budget search" in line]
     assert searches[0].startswith("L's budget search (budgets double until the doubling gains less than 0.01")
     assert searches[0].endswith("1000 → 2000 +0.1000 [+0.1000, +0.1000], better in 5/5; 2000 → 4000 +0.0050 "
