@@ -642,7 +642,7 @@ def test_a_pseudo_label_dataset_of_a_dataset_json_listing_its_cases_lists_its_ow
 
 
 @pytest.mark.parametrize("allowed, requested, recorded", [(None, True, None), ((0, 1, 2), False, None),
-                                                           ((0, 1, 2), True, [0, 1, 2])])
+                                                           ((np.int64(0), 1, 2), True, [0, 1, 2])])
 def test_the_pseudo_label_record_names_the_axes_the_predictor_mirrored(dataset_copy, monkeypatch, allowed,
                                                                        requested, recorded):
     """nnU-Net mirrors only along the axes the model allows (none for a model trained without mirroring), whatever

@@ -136,9 +136,9 @@ def write_pseudo_label_dataset(source_raw: str, source_preprocessed: str, target
                    "description": f"{dataset_json.get('name', '')}: labels + pseudo-labels of {checkpoint}"}
     save_json(target_json, join(target_raw, "dataset.json"), sort_keys=False)
     # the axes nnU-Net's predictor mirrored along: only those the model allows, none for a model trained without
-    mirror_axes = list(predictor.allowed_mirroring_axes) if use_mirroring and predictor.allowed_mirroring_axes else None
+    mirrored = [int(axis) for axis in predictor.allowed_mirroring_axes or ()] if use_mirroring else []
     record = {"source": os.path.basename(os.path.normpath(source_raw)), "complete": True,
-              "model": os.path.abspath(checkpoint), "fold": fold, "mirror_axes": mirror_axes,
+              "model": os.path.abspath(checkpoint), "fold": fold, "mirror_axes": mirrored or None,
               "labeled": cases["labeled"], "val": cases["val"], "pseudo_labeled": names}
     save_json(record, join(target_raw, RECORD_FILE), sort_keys=False)
     return record
