@@ -36,6 +36,12 @@ def pytest_collection_modifyitems(items):
     items.sort(key=start_order)  # stable: otherwise in file order
 
 
+def foreground_dice(prediction, reference) -> float:
+    """Dice of the foreground (every label above 0) of two label maps; 0 where both are empty."""
+    a, b = prediction > 0, reference > 0
+    return 2 * (a & b).sum() / max(a.sum() + b.sum(), 1)
+
+
 def run_cli(*args, check=True, env=None, timeout=900):
     """Run a console command (nnU-Net's or ours) in a subprocess; return the CompletedProcess. nnU-Net's validation
     export gets one worker unless ``env`` says otherwise: each worker is a spawned process that imports nnU-Net."""

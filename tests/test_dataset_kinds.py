@@ -17,7 +17,7 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import join, load_json
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 
-from conftest import plan_and_preprocess, run_cli
+from conftest import foreground_dice, plan_and_preprocess, run_cli
 from test_trainer import ext_trainer_env  # noqa: F401  (fixture)
 
 SHARED = 990  # the session's Dataset990 (32^3, one channel), see conftest.synthetic_3d
@@ -331,8 +331,7 @@ def test_lowres_trains_and_predicts_and_the_cascade_is_refused(nnunet_dirs, ext_
     assert pred.shape == shape and set(np.unique(pred)) <= {0, 1, 2}
     reference = sitk.GetArrayFromImage(sitk.ReadImage(join(folder, "labelsTs", "test_000.nii.gz")))
     # a prediction from an untrained or broken model (all background) fails here, not only a wrong shape
-    dice = 2 * np.sum((pred > 0) & (reference > 0)) / (np.sum(pred > 0) + np.sum(reference > 0))
-    assert dice > 0.5, dice
+    assert foreground_dice(pred, reference) > 0.5
 
     # the cascade: refused when the trainer is set up, before any data work (a SystemExit, which nnUNetv2_train
     # prints as its message without a traceback, as test_trainer's refusal through the command shows)

@@ -9,7 +9,7 @@ import SimpleITK as sitk
 import torch
 from batchgenerators.utilities.file_and_folder_operations import join, load_json
 
-from conftest import plan_and_preprocess, run_cli
+from conftest import foreground_dice, plan_and_preprocess, run_cli
 
 TEST_TRAINERS = '''
 import os
@@ -53,10 +53,6 @@ FIRST_CONV = "encoder.stages.0.0.convs.0.conv.weight"  # receives gradients (the
 def _results_folder(dataset_name, trainer, config="3d_fullres"):
     return join(os.environ["nnUNet_results"], dataset_name, f"{trainer}__nnUNetPlans__{config}")
 
-
-def _dice(a, b, label):
-    a, b = a == label, b == label
-    return 2 * (a & b).sum() / max(a.sum() + b.sum(), 1)
 
 
 # iterations per epoch of the end-to-end run: enough for the student to find the synthetic objects (see below)
@@ -123,7 +119,7 @@ def test_train_resume_predict_end_to_end(small_3d, ext_trainer_env, tmp_path):
         assert pred.shape == ref.shape and set(np.unique(pred)) <= {0, 1, 2}
         # The object fills 1.4-6.5% of the volume (radii 0.15-0.25 of the side): an empty prediction scores 0 and
         # an all-foreground one at most 0.13, so above 0.5 the model has found the object.
-        assert _dice(pred > 0, ref > 0, True) > 0.5, case
+        assert foreground_dice(pred, ref) > 0.5, case
     # the model handed to plain nnU-Net (nnUNetv2_bcp_export) predicts the same: test_nnunet_tools.py
 
 
